@@ -1,0 +1,213 @@
+"""Reading the residual stream on the last prompt token, every layer in one stopped forward pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from chunky_utils.cache import ActivationCache, CacheKey, SubsetMean
+from chunky_utils.data import PromptSet
+from chunky_utils.models import (
+    LoadedModel,
+    chat_template_hash,
+    find_decoder_layers,
+    format_prompts,
+    left_pad,
+    pad_token_id,
+    tokenize_prompts,
+)
+
+log = logging.getLogger(__name__)
+
+READ_POSITIONS: tuple[str, ...] = ("generation_prompt", "user_end")
+"""Where the read happens: after the template's assistant header (the token the model answers from,
+the default) or on the last token of the user turn without the generation prompt."""
+
+
+class _StopForward(Exception):
+    """Raised by the deepest read hook so layers past it never run."""
+
+
+@dataclass(frozen=True)
+class ExtractionStats:
+    """What one extraction cost."""
+
+    n_prompts: int
+    real_tokens: int
+    padded_tokens: int
+    seconds: float
+
+    @property
+    def padding_waste(self) -> float:
+        return 1.0 - self.real_tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds else float("inf")
+
+
+def output_hidden(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a decoder layer's output (a tensor or a tuple, by version)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
+def length_sorted_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
+    """Index batches of similar length (longest first), capped in rows and in padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        width = lengths[current[0]] if current else lengths[index]
+        too_many_tokens = max_batch_tokens is not None and (len(current) + 1) * width > max_batch_tokens
+        if current and (len(current) >= batch_size or too_many_tokens):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def extract_last_token_activations(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    read_position: str = "generation_prompt",
+    max_batch_tokens: int | None = 16384,
+    progress: bool = True,
+) -> tuple[torch.Tensor, ExtractionStats]:
+    """Activations [n_prompts, n_layers_read, hidden] (float32, CPU, prompt order) on the read token.
+
+    The forward pass stops after the deepest requested layer, so `lm_head` and later layers never run.
+    """
+    if read_position not in READ_POSITIONS:
+        raise ValueError(f"read_position must be one of {READ_POSITIONS}, got {read_position!r}")
+    decoder_layers = find_decoder_layers(model)
+    wanted = sorted(set(range(len(decoder_layers)) if layers is None else layers))
+    texts = format_prompts(tokenizer, prompts, add_generation_prompt=read_position == "generation_prompt")
+    token_ids = tokenize_prompts(tokenizer, texts)
+    lengths = [len(ids) for ids in token_ids]
+    device = model.get_input_embeddings().weight.device
+    hidden = None
+    result: torch.Tensor | None = None
+    captured: dict[int, torch.Tensor] = {}
+    deepest = wanted[-1]
+
+    def make_hook(layer: int):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            captured[layer] = output_hidden(output)[:, -1, :].float()
+            if layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [decoder_layers[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
+    real_tokens = padded_tokens = 0
+    started = time.perf_counter()
+    try:
+        batches = length_sorted_batches(lengths, batch_size, max_batch_tokens)
+        for batch in tqdm(batches, desc="extract", unit="batch", disable=not progress, leave=False):
+            inputs = left_pad([token_ids[i] for i in batch], pad_token_id(tokenizer), device)
+            real_tokens += sum(lengths[i] for i in batch)
+            padded_tokens += inputs["input_ids"].numel()
+            captured.clear()
+            try:
+                model(**inputs, use_cache=False)
+            except _StopForward:
+                pass
+            stacked = torch.stack([captured[layer] for layer in wanted], dim=1).cpu()
+            if result is None:
+                hidden = stacked.shape[-1]
+                result = torch.empty(len(prompts), len(wanted), hidden, dtype=torch.float32)
+            result[torch.tensor(batch)] = stacked
+    finally:
+        for handle in handles:
+            handle.remove()
+    stats = ExtractionStats(len(prompts), real_tokens, padded_tokens, time.perf_counter() - started)
+    log.info(
+        "extracted %d prompts x %d layers: %d tokens in %.2f s (%.0f tok/s, padding waste %.1f%%)",
+        len(prompts),
+        len(wanted),
+        real_tokens,
+        stats.seconds,
+        stats.tokens_per_second,
+        100 * stats.padding_waste,
+    )
+    assert result is not None
+    return result, stats
+
+
+def cache_key_for(loaded: LoadedModel, read_position: str, data_source: str) -> CacheKey:
+    return CacheKey(
+        model_name=loaded.name,
+        model_fingerprint=loaded.fingerprint,
+        hidden_size=loaded.hidden_size,
+        chat_template_hash=chat_template_hash(loaded.tokenizer),
+        read_position=read_position,
+        data_source=data_source,
+    )
+
+
+@dataclass(frozen=True)
+class SubsetMeans:
+    """Per-layer means of one prompt set, and whether they came from the cache."""
+
+    prompt_set: PromptSet
+    means: dict[int, SubsetMean]
+    cache_hit: bool
+    stats: ExtractionStats | None
+
+
+def subset_means(
+    loaded: LoadedModel,
+    prompt_set: PromptSet,
+    layers: Sequence[int],
+    cache_root: Path | str,
+    read_position: str = "generation_prompt",
+    capture: str = "all",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SubsetMeans:
+    """Means at `layers` from the cache, or from one extraction pass (then cached) under a file lock."""
+    cache = ActivationCache(cache_root, cache_key_for(loaded, read_position, prompt_set.data_source))
+    n_samples = len(prompt_set.rows)
+    data_hash = prompt_set.content_hash
+    found = cache.load_means(prompt_set.subset, n_samples, layers, data_hash)
+    if found is None:
+        with cache.lock(prompt_set.subset, n_samples):
+            found = cache.load_means(prompt_set.subset, n_samples, layers, data_hash)
+            if found is None:
+                read_layers = list(range(loaded.n_layers)) if capture == "all" else list(range(max(layers) + 1))
+                log.info(
+                    "cache miss for subset %s (n=%d) in %s: extracting layers 0..%d",
+                    prompt_set.subset,
+                    n_samples,
+                    cache.folder,
+                    read_layers[-1],
+                )
+                activations, stats = extract_last_token_activations(
+                    loaded.model,
+                    loaded.tokenizer,
+                    prompt_set.prompts,
+                    read_layers,
+                    batch_size=batch_size,
+                    read_position=read_position,
+                    progress=progress,
+                )
+                saved = cache.save(prompt_set.subset, n_samples, read_layers, activations, data_hash, prompt_set.ids)
+                return SubsetMeans(prompt_set, {layer: saved[layer] for layer in layers}, False, stats)
+    log.info("cache hit for subset %s (n=%d, layers %s): no extraction", prompt_set.subset, n_samples, list(layers))
+    return SubsetMeans(prompt_set, found, True, None)

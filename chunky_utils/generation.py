@@ -1,0 +1,98 @@
+"""Generation where each batch row carries its own steering scale: baseline and steered share one call."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from chunky_utils.activations import length_sorted_batches
+from chunky_utils.errors import UsageError
+from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.steering import add_to_layers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: temperature 0 means greedy."""
+
+    max_new_tokens: int = 100
+    temperature: float = 0.7
+    seed: int = 0
+    batch_size: int = 64
+    positions: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """texts[scale_index][prompt_index], in the order given."""
+
+    scales: tuple[float, ...]
+    texts: list[list[str]]
+    seconds: float
+    new_tokens: int
+
+    def for_scale(self, scale: float) -> list[str]:
+        return self.texts[self.scales.index(scale)]
+
+
+@torch.inference_mode()
+def generate_with_scales(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    layer: int,
+    vector: torch.Tensor,
+    scales: Sequence[float],
+    settings: GenerationSettings,
+    progress: bool = True,
+) -> GenerationOutput:
+    """Generate every prompt at every scale (0 = unsteered) with rows of the same prompt in one batch."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    token_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts, add_generation_prompt=True))
+    scale_values = [float(s) for s in scales]
+    prompts_per_batch = max(1, settings.batch_size // max(1, len(scale_values)))
+    batches = length_sorted_batches([len(ids) for ids in token_ids], prompts_per_batch)
+    texts: list[list[str]] = [[""] * len(prompts) for _ in scale_values]
+    vector = vector.detach().float().cpu()
+    started = time.perf_counter()
+    new_tokens = 0
+    torch.manual_seed(settings.seed)
+    pad_id = pad_token_id(tokenizer)
+    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+        rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
+        inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
+        deltas = torch.stack([vector * scale_values[s] for _, s in rows])
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
+        with add_to_layers(model, {layer: deltas}, settings.positions):
+            output = model.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad_id,
+                **(sampling if settings.temperature > 0 else {"do_sample": False}),
+            )
+        generated = output[:, inputs["input_ids"].shape[1] :]
+        eos = tokenizer.eos_token_id
+        for row, (prompt_index, scale_index) in enumerate(rows):
+            ids = generated[row]
+            if eos is not None:
+                new_tokens += int((ids != pad_id).sum()) if pad_id != eos else int(ids.numel())
+            texts[scale_index][prompt_index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    seconds = time.perf_counter() - started
+    log.info("generated %d prompts x %d scales in %.1f s", len(prompts), len(scale_values), seconds)
+    return GenerationOutput(tuple(scale_values), texts, seconds, new_tokens)

