@@ -60,19 +60,28 @@ def output_hidden(output: Any) -> torch.Tensor:
 
 
 def length_sorted_batches(
-    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None, max_padding: float = 0.1
 ) -> list[list[int]]:
-    """Index batches of similar length (longest first), capped in rows and in padded tokens."""
+    """Index batches of similar length, longest first.
+
+    A batch closes when it has `batch_size` rows, would exceed `max_batch_tokens` padded tokens, or
+    its padding share would pass `max_padding`.
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    real = 0
     for index in order:
-        width = lengths[current[0]] if current else lengths[index]
-        too_many_tokens = max_batch_tokens is not None and (len(current) + 1) * width > max_batch_tokens
-        if current and (len(current) >= batch_size or too_many_tokens):
-            batches.append(current)
-            current = []
+        if current:
+            width = lengths[current[0]]
+            rows = len(current) + 1
+            too_many_tokens = max_batch_tokens is not None and rows * width > max_batch_tokens
+            too_padded = 1 - (real + lengths[index]) / (rows * width) > max_padding
+            if len(current) >= batch_size or too_many_tokens or too_padded:
+                batches.append(current)
+                current, real = [], 0
         current.append(index)
+        real += lengths[index]
     if current:
         batches.append(current)
     return batches

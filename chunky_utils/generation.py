@@ -28,6 +28,7 @@ class GenerationSettings:
     seed: int = 0
     batch_size: int = 64
     positions: str = "all"
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -66,7 +67,8 @@ def generate_with_scales(
     token_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts, add_generation_prompt=True))
     scale_values = [float(s) for s in scales]
     prompts_per_batch = max(1, settings.batch_size // max(1, len(scale_values)))
-    batches = length_sorted_batches([len(ids) for ids in token_ids], prompts_per_batch)
+    # decoding is bound by reading the weights, so rows are nearly free: no padding cap here
+    batches = length_sorted_batches([len(ids) for ids in token_ids], prompts_per_batch, max_padding=1.0)
     texts: list[list[str]] = [[""] * len(prompts) for _ in scale_values]
     vector = vector.detach().float().cpu()
     started = time.perf_counter()
@@ -83,6 +85,7 @@ def generate_with_scales(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 max_new_tokens=settings.max_new_tokens,
+                min_new_tokens=settings.min_new_tokens or None,
                 pad_token_id=pad_id,
                 **(sampling if settings.temperature > 0 else {"do_sample": False}),
             )

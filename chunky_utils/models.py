@@ -315,6 +315,26 @@ def convert_embedded_model(cache_dir: Path) -> Path:
 # ---------------------------------------------------------------- loading
 
 
+def peek_n_layers(model_id: str, cache_dir: Path | str = "cache") -> int | None:
+    """The layer count from the config alone (no weights), where it is at hand; None otherwise."""
+    if model_id.startswith(TINY_MODEL_PREFIX):
+        return parse_tiny_id(model_id)[1]
+    folder = embedded_model_dir(Path(cache_dir)) if model_id == EMBEDDED_MODEL_ID else Path(model_id)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    config = config.get("text_config", config)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
