@@ -260,10 +260,18 @@ def bundled_rows(key: str) -> list[PromptRow]:
 
 @lru_cache(maxsize=1)
 def _tulu_mixture() -> Any:
-    from datasets import load_dataset
-
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise UsageError("--data-source hub needs the `datasets` package: pip install 'chunky-utils[hub]'") from None
     log.info("loading %s (split train) from the Hugging Face Hub", TULU_DATASET_ID)
-    return load_dataset(TULU_DATASET_ID, split="train")
+    try:
+        return load_dataset(TULU_DATASET_ID, split="train")
+    except Exception as exc:  # network, auth and format errors all mean "not available here"
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise UsageError(
+            f"cannot load {TULU_DATASET_ID} from the hub ({exc.__class__.__name__}: {first_line})"
+        ) from None
 
 
 def hub_rows(key: str) -> list[PromptRow]:

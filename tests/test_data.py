@@ -155,3 +155,52 @@ def test_real_prompt_files_load(realdata: Path) -> None:
     for name in ("gsm8k_test.jsonl", "coconot_eval.jsonl", "humaneval.jsonl"):
         prompt_set = load_prompt_set(str(realdata / name), 20, seed=0)
         assert len(prompt_set.rows) == 20 and prompt_set.data_source == "file"
+
+
+class FakeMixture:
+    """Stands in for the hub's `datasets.Dataset`: filter by a column, iterate rows."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def filter(self, keep, input_columns: list[str]) -> FakeMixture:
+        return FakeMixture([row for row in self.rows if keep(*(row[c] for c in input_columns))])
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_hub_loader_filters_by_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chunky_utils import data
+
+    rows = [
+        {
+            "id": f"h{i}",
+            "source": TULU_SET_MAP["12" if i % 2 else "0"],
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}],
+        }
+        for i in range(10)
+    ]
+    monkeypatch.setattr(data, "_tulu_mixture", lambda: FakeMixture(rows))
+    prompt_set = load_prompt_set("12", -1, data_source="hub")
+    assert prompt_set.data_source == "hub"
+    assert sorted(prompt_set.prompts) == sorted(f"q{i}" for i in range(1, 10, 2))
+
+
+def test_hub_without_datasets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from chunky_utils import data
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets")
+        return real_import(name, *args, **kwargs)
+
+    data._tulu_mixture.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(UsageError, match="needs the `datasets` package"):
+        load_prompt_set("12", 5, data_source="hub")
+    data._tulu_mixture.cache_clear()
