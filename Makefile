@@ -34,8 +34,10 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check chunky_utils tests scripts benchmarks
 
+# JupyterLab refuses to run as root without --allow-root (containers often are root)
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: install
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(LAB_FLAGS)
 
 bench: install
 	$(BIN)/python benchmarks/run_cpu.py

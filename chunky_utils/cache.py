@@ -35,12 +35,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     temp = Path(temp_name)
     try:
         write(temp)
+        temp.chmod(0o666 & ~_current_umask())  # mkstemp makes 0600 files; give them the usual mode
         with temp.open("rb") as synced:
             os.fsync(synced.fileno())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -105,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="activation cache (default: cache/, or OUTPUT_DIR/dataset_cache when --output-dir is given)",
     )
     out.add_argument("--overwrite", action="store_true", help="replace an existing result made with other settings")
+    out.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="skip scoring the texts (concept, perplexity, distinct-2, relevance, overall)",
+    )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
     return parser
 
@@ -136,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         trust_remote_code=args.trust_remote_code,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        metrics=not args.no_metrics,
     )
 
 

@@ -57,6 +57,7 @@ class RunConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     progress: bool = True
+    metrics: bool = True  # score every generation with the unsteered model (chunky_utils.metrics)
 
     def validated(self) -> RunConfig:
         """Check every field that can be checked without the model; return self or raise UsageError."""

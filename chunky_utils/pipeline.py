@@ -13,8 +13,10 @@ from typing import Any
 from chunky_utils.activations import subset_means
 from chunky_utils.config import RunConfig
 from chunky_utils.data import PromptSet, default_prompt_set, load_prompt_set
+from chunky_utils.errors import UsageError
 from chunky_utils.generation import generate_with_scales
-from chunky_utils.models import LoadedModel, check_layer, load_model
+from chunky_utils.metrics import score_run
+from chunky_utils.models import LoadedModel, check_layer, load_model, peek_n_layers
 from chunky_utils.results import guard_existing, results_path, write_results
 from chunky_utils.steering import SteeringVector, contrastive_vector
 
@@ -168,6 +170,9 @@ def run_experiment(
             todo.append(item)
     if not todo:
         return outcome
+    n_layers = peek_n_layers(config.model, config.model_cache_path)
+    if n_layers is not None and config.layer >= n_layers:
+        raise UsageError(f"layer {config.layer} is out of range: this model has layers 0..{n_layers - 1}")
     prompts = prepare_prompts(config)
     timings: dict[str, float] = {}
     if loaded is None:
@@ -188,6 +193,9 @@ def run_experiment(
         progress=config.progress,
     )
     timings["generate_s"] = round(generated.seconds, 3)
+    run_metrics = score_run(config, loaded, prompts, vector, generated) if config.metrics else None
+    if run_metrics is not None:
+        timings["metrics_s"] = round(run_metrics.seconds, 3)
     timings["total_s"] = round(time.perf_counter() - started, 3)
     baseline_texts = generated.for_scale(0.0)
     for item in todo:
@@ -203,6 +211,8 @@ def run_experiment(
             for i, row in enumerate(prompts.inference.rows)
         ]
         metadata = build_metadata(item, loaded, prompts, vector, cache_hits, timings, len(scale_list))
+        if run_metrics is not None:
+            run_metrics.attach(rows, metadata, item.scale)
         path = write_results(result_path_for(item), metadata, rows)
         outcome.written[item.scale] = path
         outcome.payloads[item.scale] = {"metadata": metadata, "results": rows}

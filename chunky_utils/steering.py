@@ -135,7 +135,7 @@ class SteeringVector:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            directions = {int(name.removeprefix("layer_")): handle.get_tensor(name) for name in handle}
+            directions = {int(name.removeprefix("layer_")): handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
         return cls(directions, metadata)
 

@@ -261,3 +261,36 @@ def test_layer_out_of_range_is_caught_before_model_load(tmp_path: Path, capsys) 
     if not (REPO_ROOT / "cache" / "models" / "smollm2-135m-instruct" / "config.json").is_file():
         pytest.skip("embedded model not converted yet")
     assert code == 2 and "layers 0..29" in err
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "out.json", lambda temp: temp.write_text("{}"))
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+SWEEP_VALUES = st.one_of(
+    st.none(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.lists(st.one_of(st.integers(-3, 40), st.text(max_size=6), st.floats(allow_nan=True)), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+SWEEP_KEYS = ["pairs", "layers", "scales", "inference_datasets", "inference_n_samples", "workers", "executor",
+              "name", "model", "n_samples", "max_tokens", "temperature", "submitit", "bogus"]
+
+
+@settings(max_examples=80, deadline=None)
+@given(mapping=st.dictionaries(st.sampled_from(SWEEP_KEYS), SWEEP_VALUES, max_size=7))
+def test_fuzzed_sweep_configs_load_or_fail_cleanly(mapping: dict) -> None:
+    from chunky_utils.sweep import load_sweep
+
+    base = {"pairs": ["12:0"], "layers": [1], "scales": [1.0]}
+    try:
+        spec, options = load_sweep({**base, **mapping})
+    except UsageError as exc:
+        assert "\n" not in str(exc)
+    else:
+        assert spec.layers and all(isinstance(layer, int) and layer >= 0 for layer in spec.layers)
+        assert options.workers >= 1

@@ -1,0 +1,379 @@
+"""Layer x scale views of the per-generation metrics: tables, heatmaps, best and collapse scales, cell texts.
+
+Everything starts from `metrics_frame(...)`: one row per (results file, prompt) with the texts and
+`baseline_<metric>`, `steered_<metric>` and `delta_<metric>` columns. plotly is imported only by the figure
+functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from chunky_utils.metrics import METRIC_NAMES
+
+PPL_FACTOR = 3.0
+"""A cell collapses when its median steered perplexity exceeds this many times the median baseline perplexity."""
+DISTINCT_FLOOR = 0.5
+"""... or when its mean steered distinct_2 (empty answers count 0) falls below this floor."""
+
+SUMMARY_COLUMNS: tuple[str, ...] = (
+    "layer",
+    "scale",
+    "n",
+    "concept_delta",
+    "concept_steered",
+    "concept_baseline",
+    "probe_delta",
+    "perplexity",
+    "baseline_perplexity",
+    "perplexity_ratio",
+    "distinct_2",
+    "relevance",
+    "relevance_delta",
+    "overall",
+    "empty_share",
+    "collapsed",
+    "best",
+)
+
+_TEXT_COLUMNS = ("prompt_idx", "prompt_id", "prompt", "baseline", "steered")
+
+
+# ---------------------------------------------------------------- frame
+
+
+def _payloads(sources: Any) -> Iterable[tuple[str | None, dict[str, Any]]]:
+    if isinstance(sources, Mapping) and "results" in sources:
+        yield None, dict(sources)
+        return
+    if isinstance(sources, str | Path):
+        sources = [sources]
+    for source in sources:
+        if isinstance(source, Mapping):
+            yield None, dict(source)
+            continue
+        path = Path(source)
+        if path.is_dir():
+            from chunky_utils.results import iter_results_files
+
+            for found in iter_results_files(path):
+                yield str(found), json.loads(found.read_text(encoding="utf-8"))
+        else:
+            yield str(path), json.loads(path.read_text(encoding="utf-8"))
+
+
+def _experiment_label(path: str | None, metadata: Mapping[str, Any]) -> str:
+    if path is not None:
+        where = Path(path)
+        return f"{where.parent.parent.name}/{where.name} [{metadata.get('model_name', '?')}]"
+    inference = metadata.get("inference_dataset") or "builtin"
+    return (
+        f"{metadata.get('target_subset')}_{metadata.get('baseline_subset')}/{inference}_"
+        f"{metadata.get('inference_n_samples')} [{metadata.get('model_name', '?')}]"
+    )
+
+
+def metrics_frame(sources: Any) -> pd.DataFrame:
+    """One row per (results file, prompt): texts, layer, scale and baseline_/steered_/delta_<metric> columns.
+
+    `sources`: a results folder (searched recursively), a results file, a loaded payload, or a list of these.
+    Rows written with `--no-metrics` get NaN metric columns.
+    """
+    records = []
+    for path, payload in _payloads(sources):
+        metadata = payload.get("metadata", {})
+        base = {
+            "path": path,
+            "experiment": _experiment_label(path, metadata),
+            "model_name": metadata.get("model_name"),
+            "target_subset": metadata.get("target_subset"),
+            "baseline_subset": metadata.get("baseline_subset"),
+            "inference_dataset": metadata.get("inference_dataset"),
+            "layer": int(metadata["layer"]),
+            "scale": float(metadata["scale"]),
+        }
+        for row in payload.get("results", []):
+            record = {**base, **{key: row.get(key) for key in _TEXT_COLUMNS}}
+            metrics = row.get("metrics") or {}
+            for side in ("baseline", "steered"):
+                values = metrics.get(side) or {}
+                for name in METRIC_NAMES:
+                    value = values.get(name)
+                    record[f"{side}_{name}"] = float(value) if value is not None else math.nan
+            for name in METRIC_NAMES:
+                record[f"delta_{name}"] = record[f"steered_{name}"] - record[f"baseline_{name}"]
+            records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        return frame
+    return frame.sort_values(["experiment", "layer", "scale", "prompt_idx"], kind="stable").reset_index(drop=True)
+
+
+def experiments(frame: pd.DataFrame) -> list[str]:
+    """The experiment labels in a frame (target_baseline/inference file [model])."""
+    return sorted(frame["experiment"].dropna().unique()) if "experiment" in frame else []
+
+
+def _one_experiment(frame: pd.DataFrame, experiment: str | None) -> pd.DataFrame:
+    if experiment is not None:
+        frame = frame[frame["experiment"] == experiment]
+        if frame.empty:
+            raise ValueError(f"no rows for experiment {experiment!r}")
+    elif "experiment" in frame and frame["experiment"].nunique() > 1:
+        raise ValueError(f"the frame mixes experiments {experiments(frame)}: pass experiment=...")
+    return frame
+
+
+# ---------------------------------------------------------------- layer x scale summary
+
+
+def layer_scale_summary(
+    frame: pd.DataFrame,
+    experiment: str | None = None,
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+    best_by: str = "concept_delta",
+) -> pd.DataFrame:
+    """One row per (layer, scale) with the columns of SUMMARY_COLUMNS.
+
+    Concept and relevance columns are means, perplexities medians (robust to one broken answer).
+    `collapsed`: perplexity_ratio > ppl_factor, distinct_2 < distinct_floor, or every answer empty.
+    `best`: the non-collapsed, non-zero scale of its layer with the highest `best_by`.
+    """
+    frame = _one_experiment(frame, experiment)
+    rows = []
+    for (layer, scale), cell in frame.groupby(["layer", "scale"], sort=True):
+        steered_distinct = cell["steered_distinct_2"].fillna(0.0)
+        baseline_ppl = float(cell["baseline_perplexity"].median())
+        steered_ppl = float(cell["steered_perplexity"].median())
+        rows.append(
+            {
+                "layer": int(layer),
+                "scale": float(scale),
+                "n": len(cell),
+                "concept_delta": cell["delta_concept_score"].mean(),
+                "concept_steered": cell["steered_concept_score"].mean(),
+                "concept_baseline": cell["baseline_concept_score"].mean(),
+                "probe_delta": cell["delta_concept_probe"].mean(),
+                "perplexity": steered_ppl,
+                "baseline_perplexity": baseline_ppl,
+                "perplexity_ratio": steered_ppl / baseline_ppl if baseline_ppl > 0 else math.nan,
+                "distinct_2": float(steered_distinct.mean()),
+                "relevance": cell["steered_relevance"].mean(),
+                "relevance_delta": cell["delta_relevance"].mean(),
+                "overall": cell["steered_overall"].mean(),
+                "empty_share": float((cell["steered_n_tokens"].fillna(0) == 0).mean()),
+            }
+        )
+    summary = pd.DataFrame.from_records(rows, columns=[c for c in SUMMARY_COLUMNS if c not in ("collapsed", "best")])
+    if summary.empty:
+        return summary.assign(collapsed=pd.Series(dtype=bool), best=pd.Series(dtype=bool))
+    summary["collapsed"] = (
+        (summary["perplexity_ratio"] > ppl_factor)
+        | (summary["distinct_2"] < distinct_floor)
+        | summary["perplexity"].isna()
+        | (summary["empty_share"] >= 1.0)
+    )
+    summary["best"] = False
+    if best_by not in summary:
+        raise ValueError(f"best_by must be a summary column, got {best_by!r}")
+    eligible = summary[~summary["collapsed"] & (summary["scale"] != 0.0) & summary[best_by].notna()]
+    if not eligible.empty:
+        winners = eligible.loc[eligible.groupby("layer")[best_by].idxmax()].index
+        summary.loc[winners, "best"] = True
+    return summary
+
+
+def best_scale_per_layer(
+    frame: pd.DataFrame,
+    experiment: str | None = None,
+    by: str = "concept_delta",
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+) -> pd.DataFrame:
+    """Per layer: the non-collapsed scale with the highest `by`, with its summary row (NaN when all collapse)."""
+    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by=by)
+    best = summary[summary["best"]].set_index("layer")
+    layers = sorted(summary["layer"].unique())
+    out = best.reindex(layers).rename(columns={"scale": "best_scale"})
+    out.index.name = "layer"
+    return out.drop(columns=["best"]).reset_index()
+
+
+def collapse_scale_per_layer(
+    frame: pd.DataFrame,
+    experiment: str | None = None,
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+) -> pd.DataFrame:
+    """Per layer: the smallest positive and the largest negative scale whose cell collapsed (NaN if none)."""
+    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor)
+    rows = []
+    for layer, group in summary.groupby("layer", sort=True):
+        collapsed = group[group["collapsed"]]
+        positive = collapsed[collapsed["scale"] > 0]["scale"]
+        negative = collapsed[collapsed["scale"] < 0]["scale"]
+        rows.append(
+            {
+                "layer": int(layer),
+                "collapse_scale": float(positive.min()) if not positive.empty else math.nan,
+                "collapse_scale_negative": float(negative.max()) if not negative.empty else math.nan,
+                "collapsed_scales": [float(s) for s in collapsed["scale"]],
+            }
+        )
+    return pd.DataFrame.from_records(
+        rows, columns=["layer", "collapse_scale", "collapse_scale_negative", "collapsed_scales"]
+    )
+
+
+# ---------------------------------------------------------------- from a cell to its texts
+
+
+def cell_rows(
+    frame: pd.DataFrame,
+    layer: int,
+    scale: float,
+    experiment: str | None = None,
+    metrics: Iterable[str] = ("concept_score", "perplexity", "distinct_2", "relevance", "overall"),
+) -> pd.DataFrame:
+    """The prompts, baseline and steered texts of one (layer, scale) cell, with baseline_/steered_ metrics."""
+    frame = _one_experiment(frame, experiment)
+    cell = frame[(frame["layer"] == int(layer)) & np.isclose(frame["scale"], float(scale))]
+    columns = list(_TEXT_COLUMNS) + [f"{side}_{name}" for name in metrics for side in ("baseline", "steered")]
+    return cell[[c for c in columns if c in cell]].reset_index(drop=True)
+
+
+def cell_options(
+    frame: pd.DataFrame,
+    experiment: str | None = None,
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+) -> list[tuple[str, tuple[int, float]]]:
+    """(label, (layer, scale)) pairs for a dropdown, e.g. ipywidgets.Dropdown(options=cell_options(frame))."""
+    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor)
+    options = []
+    for row in summary.itertuples(index=False):
+        flags = (" best" if row.best else "") + (" COLLAPSED" if row.collapsed else "")
+        label = (
+            f"layer {row.layer}, scale {row.scale:g}: concept {row.concept_delta:+.2f}, "
+            f"ppl {row.perplexity:.1f} (x{row.perplexity_ratio:.1f}){flags}"
+        )
+        options.append((label, (int(row.layer), float(row.scale))))
+    return options
+
+
+def cell_from_click(points: Any) -> tuple[int, float] | None:
+    """(layer, scale) of the first clicked heatmap cell, from a FigureWidget `on_click` callback's `points`."""
+    xs, ys = list(getattr(points, "xs", []) or []), list(getattr(points, "ys", []) or [])
+    if not xs or not ys:
+        return None
+    return int(float(ys[0])), float(xs[0])
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _cell_text(value: float, fmt: str, best: bool, collapsed: bool) -> str:
+    text = "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+    return text + (" ★" if best else "") + (" ✕" if collapsed else "")
+
+
+def heatmap_trace(summary: pd.DataFrame, metric: str, log_color: bool | None = None) -> Any:
+    """A plotly Heatmap of one summary column, layers on y, scales on x; ★ best scale, ✕ collapsed.
+
+    customdata holds [layer, scale] per cell, so a click handler can call `cell_rows`.
+    """
+    import plotly.graph_objects as go
+
+    if metric not in summary:
+        raise ValueError(f"unknown metric {metric!r}: choose one of {list(summary.columns)}")
+    log_color = metric.startswith("perplexity") if log_color is None else log_color
+    layers = sorted(summary["layer"].unique())
+    scales = sorted(summary["scale"].unique())
+    table = summary.set_index(["layer", "scale"])
+    z, text, custom = [], [], []
+    for layer in layers:
+        z_row, text_row, custom_row = [], [], []
+        for scale in scales:
+            if (layer, scale) in table.index:
+                cell = table.loc[(layer, scale)]
+                value = float(cell[metric])
+                colour = math.log10(value) if log_color and value > 0 else (math.nan if log_color else value)
+                z_row.append(colour)
+                text_row.append(_cell_text(value, ".3g", bool(cell["best"]), bool(cell["collapsed"])))
+            else:
+                z_row.append(math.nan)
+                text_row.append("")
+            custom_row.append([int(layer), float(scale)])
+        z.append(z_row)
+        text.append(text_row)
+        custom.append(custom_row)
+    return go.Heatmap(
+        z=z,
+        x=[f"{s:g}" for s in scales],
+        y=[int(layer) for layer in layers],
+        text=text,
+        texttemplate="%{text}",
+        customdata=custom,
+        colorscale="RdBu_r" if not log_color else "Viridis",
+        zmid=0.0 if metric.endswith("delta") else None,
+        colorbar={"title": f"log10 {metric}" if log_color else metric},
+        hovertemplate="layer %{y}, scale %{x}<br>" + metric + " %{text}<extra></extra>",
+        name=metric,
+    )
+
+
+def layer_scale_heatmap(
+    frame: pd.DataFrame,
+    metric: str = "concept_delta",
+    experiment: str | None = None,
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+    best_by: str = "concept_delta",
+) -> Any:
+    """A layer x scale heatmap (plotly Figure) of one summary column, e.g. concept_delta or perplexity."""
+    import plotly.graph_objects as go
+
+    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by)
+    figure = go.Figure(heatmap_trace(summary, metric))
+    figure.update_layout(
+        title=f"{metric} by layer and scale (★ best scale by {best_by}, ✕ fluency collapsed)",
+        xaxis={"title": "scale", "type": "category"},
+        yaxis={"title": "layer", "type": "category"},
+    )
+    return figure
+
+
+def metric_heatmaps(
+    frame: pd.DataFrame,
+    metrics: tuple[str, ...] = ("concept_delta", "perplexity"),
+    experiment: str | None = None,
+    ppl_factor: float = PPL_FACTOR,
+    distinct_floor: float = DISTINCT_FLOOR,
+    best_by: str = "concept_delta",
+) -> Any:
+    """Side-by-side layer x scale heatmaps (default: concept delta and steered perplexity) in one Figure."""
+    from plotly.subplots import make_subplots
+
+    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by)
+    figure = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics), horizontal_spacing=0.2)
+    for column, metric in enumerate(metrics, start=1):
+        trace = heatmap_trace(summary, metric)
+        axis_name = "xaxis" if column == 1 else f"xaxis{column}"
+        trace.colorbar.x = figure.layout[axis_name].domain[1] + 0.01
+        trace.colorbar.len = 0.9
+        figure.add_trace(trace, row=1, col=column)
+        figure.update_xaxes(title_text="scale", type="category", row=1, col=column)
+        figure.update_yaxes(title_text="layer", type="category", row=1, col=column)
+    figure.update_layout(
+        title=f"★ best scale by {best_by}; ✕ collapsed (ppl > {ppl_factor:g}x baseline or "
+        f"distinct-2 < {distinct_floor:g})"
+    )
+    return figure
