@@ -145,7 +145,8 @@ def layer_scale_summary(
 
     Concept and relevance columns are means, perplexities medians (robust to one broken answer).
     `collapsed`: perplexity_ratio > ppl_factor, distinct_2 < distinct_floor, or every answer empty.
-    `best`: the non-collapsed, non-zero scale of its layer with the highest `best_by`.
+    `best`: the non-collapsed, non-zero scale of its layer with the highest positive `best_by` (none if no
+    scale of the layer moved it above 0).
     """
     frame = _one_experiment(frame, experiment)
     rows = []
@@ -184,7 +185,7 @@ def layer_scale_summary(
     summary["best"] = False
     if best_by not in summary:
         raise ValueError(f"best_by must be a summary column, got {best_by!r}")
-    eligible = summary[~summary["collapsed"] & (summary["scale"] != 0.0) & summary[best_by].notna()]
+    eligible = summary[~summary["collapsed"] & (summary["scale"] != 0.0) & (summary[best_by] > 0)]
     if not eligible.empty:
         winners = eligible.loc[eligible.groupby("layer")[best_by].idxmax()].index
         summary.loc[winners, "best"] = True
@@ -198,7 +199,7 @@ def best_scale_per_layer(
     ppl_factor: float = PPL_FACTOR,
     distinct_floor: float = DISTINCT_FLOOR,
 ) -> pd.DataFrame:
-    """Per layer: the non-collapsed scale with the highest `by`, with its summary row (NaN when all collapse)."""
+    """Per layer: the non-collapsed scale with the highest positive `by`, with its summary row (NaN if none)."""
     summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by=by)
     best = summary[summary["best"]].set_index("layer")
     layers = sorted(summary["layer"].unique())

@@ -1,9 +1,13 @@
 """Scores for every generation, read back by the unsteered model: concept, fluency, relevance and overall.
 
-One padded forward over `chat(prompt) + text` gives the perplexity and the steering-layer activations of the
-text together; a second kind of sequence, `chat("") + text`, gives the log-likelihood without the prompt for
-relevance. Both kinds go through the same length-sorted batches, and identical (prompt, text) pairs (a small
-scale often leaves the answer unchanged) are scored once.
+Per text (see METRIC_NAMES): `concept_score` (steering-layer activations over the text, projected on the unit
+contrastive direction; 0 = baseline mean, 1 = target mean), `concept_probe` (P(target) from a logistic probe fit
+on the cached per-prompt activations), `perplexity` (of the text after the chat-formatted prompt), `distinct_2`
+(distinct token bigrams), `relevance` (log-likelihood per token with the prompt minus without it) and `overall`.
+
+One padded forward over `chat(prompt) + text` gives the perplexity and the concept activations together; a second
+batch of `chat("") + text` gives the likelihood without the prompt. Each prompt is encoded once and its key/value
+cache shared by the texts of every scale, and identical (prompt, text) pairs are read once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +65,9 @@ DISTINCT_FLOOR = 0.3
 """distinct_2 at or below which the text counts as degenerate repetition in `overall`."""
 RELEVANCE_FULL = 1.0
 """Relevance (nats per token) at which the relevance part of `overall` saturates at 1."""
+RELEVANCE_TOKENS = 16
+"""Relevance reads the first this many tokens of a text (where its dependence on the prompt shows; later tokens
+lean on the text itself): the 'without prompt' pass then costs at most this many tokens per text."""
 OVERALL_FORMULA = (
     f"harmonic mean of c=clip(concept_score,0,1), f=min(clip(1-ln(ppl)/ln({PPL_CEILING:g}),0,1), "
     f"clip((distinct_2-{DISTINCT_FLOOR:g})/{1 - DISTINCT_FLOOR:g},0,1)), r=clip(relevance/{RELEVANCE_FULL:g},0,1); "
@@ -188,11 +196,22 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run tiny CPU work on one thread: thread hand-offs cost more than the work (badly so on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _fit_logistic(
     features: torch.Tensor, labels: torch.Tensor, l2: float
 ) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """(weight, bias, center, spread) of an L2-regularized logistic regression on standardized features."""
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), _one_thread():
         x = features.float().cpu().clone()
         y = labels.float().cpu().clone()
         center = x.mean(dim=0)
@@ -256,6 +275,7 @@ class _ScoredRow:
     text: int
     slot: int
     with_prompt: bool
+    n_read: int
 
 
 def _text_token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -276,18 +296,16 @@ def _context_free_ids(tokenizer: Any) -> list[int]:
     return [pad_token_id(tokenizer)]
 
 
-def _row_chunks(
-    rows: Sequence[_ScoredRow], text_lengths: Sequence[int], batch_size: int, max_tokens: int
-) -> list[list[int]]:
+def _row_chunks(rows: Sequence[_ScoredRow], batch_size: int, max_tokens: int) -> list[list[int]]:
     """Consecutive row indices (rows sharing a context stay together) capped in rows and in padded text tokens."""
     chunks: list[list[int]] = []
     current: list[int] = []
     width = 0
     for index, row in enumerate(rows):
-        new_width = max(width, text_lengths[row.text])
+        new_width = max(width, row.n_read)
         if current and (len(current) >= batch_size or (len(current) + 1) * new_width > max_tokens):
             chunks.append(current)
-            current, new_width = [], text_lengths[row.text]
+            current, new_width = [], row.n_read
         current.append(index)
         width = new_width
     if current:
@@ -315,7 +333,8 @@ def _read_chunk(
     device: torch.device,
     captured: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean log-prob of each row's text [rows], and its mean steering-layer activation [rows, hidden] if hooked.
+    """Log-prob of each read text token [rows, width] (0 past a row's end), and each row's mean steering-layer
+    activation over its text [rows, hidden] when the layer is hooked.
 
     Each distinct context runs once; its key/value cache is then repeated for every text read after it.
     """
@@ -329,11 +348,11 @@ def _read_chunk(
     cache.reorder_cache(index)
     first_logits = context_out.logits[:, -1, :][index]
 
-    lengths = torch.tensor([len(texts[row.text]) for row in rows], device=device)
+    lengths = torch.tensor([row.n_read for row in rows], device=device)
     width = int(lengths.max())
     text_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
     for position, row in enumerate(rows):
-        text_ids[position, : len(texts[row.text])] = torch.tensor(texts[row.text], dtype=torch.long)
+        text_ids[position, : row.n_read] = torch.tensor(texts[row.text][: row.n_read], dtype=torch.long)
     text_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
     context_lengths = context_inputs["attention_mask"].sum(-1)[index]
     captured.clear()
@@ -349,12 +368,12 @@ def _read_chunk(
         dim=1,
     )
     mask = text_mask.float()
-    mean_logprob = ((token_logprobs * mask).sum(-1) / lengths).cpu()
+    token_logprobs = (token_logprobs * mask).cpu()
     hidden = captured.get("hidden")
     if hidden is None:
-        return mean_logprob, None
+        return token_logprobs, None
     mean_hidden = (hidden.float() * mask[:, :, None]).sum(1) / lengths[:, None]
-    return mean_logprob, mean_hidden.cpu()
+    return token_logprobs, mean_hidden.cpu()
 
 
 @torch.inference_mode()
@@ -366,12 +385,14 @@ def score_texts(
     probe: LinearProbe | None = None,
     batch_size: int = 32,
     max_batch_tokens: int = 2048,
+    relevance_tokens: int | None = RELEVANCE_TOKENS,
     progress: bool = True,
 ) -> list[dict[str, float | int | None]]:
     """Metrics of each (prompt, text) pair under the unsteered model, in input order (see METRIC_NAMES).
 
     Refuses to run while a steering hook is on the model. `concept_score` needs `axis`, `concept_probe` needs
     `probe` (both read the steering layer's output, averaged over the text tokens); otherwise they are None.
+    Perplexity and concept read the whole text; relevance its first `relevance_tokens` tokens (None: all).
     Identical pairs are read once; each prompt (and the empty-prompt context) is encoded once per batch.
     """
     if len(prompts) != len(texts):
@@ -396,12 +417,16 @@ def score_texts(
     pairs = list(dict.fromkeys((prompt_slot[p], text_slot[t]) for p, t in zip(prompts, texts, strict=True)))
     pairs = [(p, t) for p, t in pairs if text_ids[t]]
     read_texts = list(dict.fromkeys(t for _, t in pairs))
-    rows = [_ScoredRow(p, t, i, True) for i, (p, t) in enumerate(pairs)]
-    rows += [_ScoredRow(free_context, t, i, False) for i, t in enumerate(read_texts)]
+    window = relevance_tokens if relevance_tokens is not None else max((len(ids) for ids in text_ids), default=1)
+    if window < 1:
+        raise ValueError(f"relevance_tokens must be at least 1, got {relevance_tokens}")
+    rows = [_ScoredRow(p, t, i, True, len(text_ids[t])) for i, (p, t) in enumerate(pairs)]
+    rows += [_ScoredRow(free_context, t, i, False, min(window, len(text_ids[t]))) for i, t in enumerate(read_texts)]
     rows.sort(key=lambda row: (-len(contexts[row.context]), row.context))
 
     with_prompt = torch.full((len(pairs),), float("nan"))
-    without_prompt = torch.full((len(read_texts),), float("nan"))
+    with_prompt_window = torch.full((len(pairs),), float("nan"))
+    without_prompt_window = torch.full((len(read_texts),), float("nan"))
     activations = torch.zeros(len(pairs), loaded.hidden_size) if layer is not None else None
     captured: dict[str, torch.Tensor] = {}
     handle = None
@@ -411,19 +436,22 @@ def score_texts(
             captured["hidden"] = output_hidden(output)
 
         handle = find_decoder_layers(model)[layer].register_forward_hook(capture)
-    chunks = _row_chunks(rows, [len(ids) for ids in text_ids], batch_size, max_batch_tokens)
+    chunks = _row_chunks(rows, batch_size, max_batch_tokens)
     pad_id = pad_token_id(tokenizer)
     try:
         for chunk in tqdm(chunks, desc="metrics", unit="batch", disable=not progress, leave=False):
             members = [rows[i] for i in chunk]
-            logprob, hidden = _read_chunk(model, contexts, text_ids, members, pad_id, loaded.device, captured)
+            logprobs, hidden = _read_chunk(model, contexts, text_ids, members, pad_id, loaded.device, captured)
             for position, row in enumerate(members):
+                n_window = min(window, row.n_read)
+                window_mean = logprobs[position, :n_window].sum() / n_window
                 if row.with_prompt:
-                    with_prompt[row.slot] = logprob[position]
+                    with_prompt[row.slot] = logprobs[position].sum() / row.n_read
+                    with_prompt_window[row.slot] = window_mean
                     if activations is not None and hidden is not None:
                         activations[row.slot] = hidden[position]
                 else:
-                    without_prompt[row.slot] = logprob[position]
+                    without_prompt_window[row.slot] = window_mean
     finally:
         if handle is not None:
             handle.remove()
@@ -436,7 +464,7 @@ def score_texts(
         concept_score = _finite(concept[i]) if concept is not None else None
         perplexity = _finite(torch.exp(-with_prompt[i]))
         distinct_2 = distinct_n(text_ids[text_index], 2)
-        relevance = _finite(with_prompt[i] - without_prompt[read_slot[text_index]])
+        relevance = _finite(with_prompt_window[i] - without_prompt_window[read_slot[text_index]])
         by_pair[(prompt_index, text_index)] = {
             "concept_score": concept_score,
             "concept_probe": _finite(probe_scores[i]) if probe_scores is not None else None,
@@ -504,6 +532,7 @@ class RunMetrics:
     axis: ConceptAxis | None
     probe: LinearProbe | None
     seconds: float
+    probe_seconds: float = 0.0
 
     def summary(self, scale: float) -> dict[str, Any]:
         """Means (and medians) of each metric for baseline and steered at `scale`, and their deltas."""
@@ -530,8 +559,10 @@ class RunMetrics:
             else None
         )
         summary["scorer"] = "unsteered model"
+        summary["relevance_tokens"] = RELEVANCE_TOKENS
         summary["overall_formula"] = OVERALL_FORMULA
         summary["seconds"] = round(self.seconds, 3)
+        summary["probe_seconds"] = round(self.probe_seconds, 3)
         summary["scales_scored_together"] = len(self.per_scale)
         return summary
 
@@ -570,16 +601,24 @@ def score_run(
     started = time.perf_counter()
     axis: ConceptAxis | None = None
     probe: LinearProbe | None = None
+    probe_seconds = 0.0
     contrast = load_contrast_activations(config, loaded, prompts.target, prompts.baseline)
     if contrast is not None:
         target_activations, baseline_activations = contrast
-        axis = ConceptAxis.from_means(config.layer, target_activations.mean(0), baseline_activations.mean(0))
+        axis = _axis_or_none(config.layer, target_activations.mean(0), baseline_activations.mean(0))
+        probe_started = time.perf_counter()
         probe = fit_probe(config.layer, target_activations, baseline_activations, seed=config.seed)
-        log.info("concept probe at layer %d: held-out AUROC %s", config.layer, probe.heldout_auroc)
+        probe_seconds = time.perf_counter() - probe_started
+        log.info(
+            "concept probe at layer %d: held-out AUROC %s (fit in %.2f s)",
+            config.layer,
+            probe.heldout_auroc,
+            probe_seconds,
+        )
     else:
         means = _cached_means(config, loaded, prompts)
         if means is not None:
-            axis = ConceptAxis.from_means(config.layer, *means)
+            axis = _axis_or_none(config.layer, *means)
         log.warning("per-prompt activations not in the cache: no probe%s", "" if axis else ", no concept score")
     if axis is not None and not torch.allclose(
         axis.direction * vector.norm(config.layer), vector.at(config.layer).float().cpu(), atol=1e-4, rtol=1e-3
@@ -603,7 +642,15 @@ def score_run(
         seconds,
         generated.seconds,
     )
-    return RunMetrics(per_scale, axis, probe, seconds)
+    return RunMetrics(per_scale, axis, probe, seconds, probe_seconds)
+
+
+def _axis_or_none(layer: int, target_mean: torch.Tensor, baseline_mean: torch.Tensor) -> ConceptAxis | None:
+    try:
+        return ConceptAxis.from_means(layer, target_mean, baseline_mean)
+    except ValueError as exc:
+        log.warning("no concept score: %s", exc)
+        return None
 
 
 def _cached_means(

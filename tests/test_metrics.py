@@ -28,6 +28,7 @@ from chunky_utils.metrics import (
     METRIC_NAMES,
     PPL_CEILING,
     RELEVANCE_FULL,
+    RELEVANCE_TOKENS,
     ConceptAxis,
     auroc,
     distinct_n,
@@ -144,8 +145,10 @@ def test_probe_separates_shifted_clouds_and_not_noise() -> None:
 # ---------------------------------------------------------------- scoring by the model
 
 
-def manual_reading(loaded: LoadedModel, prompt: str, text: str, layer: int) -> tuple[float, float, torch.Tensor]:
-    """(mean log-prob of text after the chat prompt, after the empty-prompt context, mean layer output on text)."""
+def manual_reading(
+    loaded: LoadedModel, prompt: str, text: str, layer: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-probs of the text tokens after the chat prompt, after the empty-prompt context, mean layer output)."""
     text_ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     results = []
     for context_prompt in (prompt, ""):
@@ -163,7 +166,7 @@ def manual_reading(loaded: LoadedModel, prompt: str, text: str, layer: int) -> t
             hook.remove()
         log_probs = torch.log_softmax(logits[len(context) - 1 : -1], dim=-1)
         picked = log_probs.gather(-1, torch.tensor(text_ids)[:, None]).squeeze(-1)
-        results.append((float(picked.mean()), captured["h"][0, len(context) :].float().mean(0)))
+        results.append((picked, captured["h"][0, len(context) :].float().mean(0)))
     return results[0][0], results[1][0], results[0][1]
 
 
@@ -175,10 +178,16 @@ def test_perplexity_relevance_and_concept_match_a_manual_computation(architectur
     prompts = ["Hi there", "Name a colour, please.", "Hi there"]
     texts = ["Red is nice.", "Blue, or maybe green; a longer answer than the others here.", "Hello!"]
     scores = score_texts(loaded, prompts, texts, axis=axis, batch_size=2, progress=False)
-    for prompt, text, score in zip(prompts, texts, scores, strict=True):
+    whole = score_texts(loaded, prompts, texts, axis=axis, relevance_tokens=None, progress=False)
+    for prompt, text, score, score_whole in zip(prompts, texts, scores, whole, strict=True):
         with_prompt, without_prompt, activation = manual_reading(loaded, prompt, text, 2)
-        assert score["perplexity"] == pytest.approx(math.exp(-with_prompt), rel=1e-4)
-        assert score["relevance"] == pytest.approx(with_prompt - without_prompt, abs=1e-4)
+        window = RELEVANCE_TOKENS
+        assert score["perplexity"] == pytest.approx(math.exp(-float(with_prompt.mean())), rel=1e-4)
+        relevance = float(with_prompt[:window].mean() - without_prompt[:window].mean())
+        assert score["relevance"] == pytest.approx(relevance, abs=1e-4)
+        relevance_whole = float(with_prompt.mean() - without_prompt.mean())
+        assert score_whole["relevance"] == pytest.approx(relevance_whole, abs=1e-4)
+        assert score_whole["perplexity"] == pytest.approx(score["perplexity"], rel=1e-5)
         assert score["concept_score"] == pytest.approx(float(axis.score(activation)), abs=1e-4)
         assert score["n_tokens"] == len(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
         assert set(score) == set(METRIC_NAMES)
@@ -353,6 +362,8 @@ def test_best_and_collapse_scales_per_layer() -> None:
     collapse = collapse_scale_per_layer(frame).set_index("layer")
     assert collapse["collapse_scale"].to_dict() == {4: 4.0, 8: 2.0}
     assert collapse["collapse_scale_negative"].isna().all()
+    backwards = frame.assign(delta_concept_score=-frame["delta_concept_score"])
+    assert best_scale_per_layer(backwards)["best_scale"].isna().all(), "no scale moved the concept: no best scale"
     assert best_scale_per_layer(frame, ppl_factor=100.0, distinct_floor=0.0).set_index("layer")[
         "best_scale"
     ].to_dict() == {4: 4.0, 8: 4.0}

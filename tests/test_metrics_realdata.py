@@ -23,7 +23,7 @@ SCALES = (2.0, 4.0)
 
 
 def test_concept_rises_with_scale_while_perplexity_rises_past_it(
-    embedded: LoadedModel, realdata: Path, tmp_path: Path
+    realdata: Path, embedded: LoadedModel, tmp_path: Path
 ) -> None:
     config = RunConfig(
         target_subset=str(realdata / "coconot_eval.jsonl"),
