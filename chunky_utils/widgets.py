@@ -384,3 +384,34 @@ class ComparisonViewer:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
         return self.view._repr_mimebundle_(**kwargs)
+
+
+class MetricCellBrowser:
+    """A dropdown of (layer, scale) cells, best and collapsed ones flagged, showing the texts behind the cell."""
+
+    def __init__(self, scores: pd.DataFrame, experiment: str | None = None) -> None:
+        import ipywidgets as widgets
+
+        from chunky_utils.metric_views import cell_options
+
+        if scores.empty:
+            raise UsageError("no scored results to browse")
+        self.scores = scores
+        self.experiment = experiment
+        self.dropdown = widgets.Dropdown(options=cell_options(scores, experiment), description="cell")
+        self.dropdown.layout = widgets.Layout(width="95%")
+        self.dropdown.observe(lambda _change: self.render(), names="value")
+        self.table = widgets.HTML()
+        self.view = widgets.VBox([self.dropdown, self.table])
+        self.render()
+
+    def render(self) -> str:
+        """Show the current cell's prompts, texts and metrics; return the HTML."""
+        from chunky_utils.metric_views import cell_rows
+
+        layer, scale = self.dropdown.value
+        self.table.value = cell_rows(self.scores, layer, scale, self.experiment).to_html(index=False, na_rep="")
+        return self.table.value
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.view._repr_mimebundle_(**kwargs)

@@ -214,7 +214,15 @@ right: str = ""  # viewer's right side, the same way; empty for the second confi
         """from chunky_utils.notebook import use_project_root
 from chunky_utils.plots import metric_figures, response_length_figure, setup_offline_plotly
 from chunky_utils.tables import load_results_frame, metric_names, summarize_configs
-from chunky_utils.widgets import ComparisonViewer
+from chunky_utils.metric_views import (
+    best_scale_per_layer,
+    collapse_scale_per_layer,
+    experiments,
+    metric_heatmaps,
+    metrics_frame,
+)
+from chunky_utils.widgets import ComparisonViewer, MetricCellBrowser
+from IPython.display import display
 
 setup_offline_plotly()
 print(f"relative paths start at {use_project_root()}")""",
@@ -235,6 +243,24 @@ print(f"metrics in the rows: {', '.join(metrics) if metrics else 'none'}")
 for figure in metric_figures(frame, metrics):
     figure.show()""",
     ),
+    (
+        "md",
+        """## Layer x scale maps
+
+Where the rows carry metrics: per experiment, heatmaps of the concept delta (steered minus baseline) and of
+the steered perplexity, the best scale per layer (★), the scale at which fluency collapses (✕), and a
+dropdown from any cell to its texts.""",
+    ),
+    (
+        "code",
+        """scores = metrics_frame(results_dir)
+scored = [] if scores.empty else experiments(scores[scores["delta_concept_score"].notna()])
+print(f"scored experiments: {', '.join(scored) if scored else 'none (runs made with --no-metrics)'}")
+for experiment in scored:
+    metric_heatmaps(scores, experiment=experiment).show()
+    display(best_scale_per_layer(scores, experiment), collapse_scale_per_layer(scores, experiment))""",
+    ),
+    ("code", "MetricCellBrowser(scores, scored[0]) if scored else None"),
     (
         "md",
         """## Side by side

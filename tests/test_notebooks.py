@@ -162,6 +162,9 @@ def test_playground_notebook_headless_writes_seed_format_results(tmp_path: Path)
     assert "chunky-side-by-side" in state and "Generate" in state, "the playground shows the batch run"
 
 
+FLUENT = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8}
+
+
 def test_compare_notebook_loads_every_result_and_plots_length_and_metrics(tmp_path: Path) -> None:
     results = tmp_path / "results"
     for layer in (1, 2):
@@ -172,7 +175,10 @@ def test_compare_notebook_loads_every_result_and_plots_length_and_metrics(tmp_pa
                     "prompt": f"prompt {i}",
                     "baseline": "a b",
                     "steered": " ".join(["w"] * int(layer + scale)),
-                    "metrics": {"baseline": {"concept_score": 0.0}, "steered": {"concept_score": scale / 10}},
+                    "metrics": {
+                        "baseline": {**FLUENT, "concept_score": 0.0},
+                        "steered": {**FLUENT, "concept_score": scale / 10, "perplexity": 2.0 * scale * layer},
+                    },
                 }
                 for i in range(3)
             ]
@@ -188,12 +194,21 @@ def test_compare_notebook_loads_every_result_and_plots_length_and_metrics(tmp_pa
             }
             write_results(results / "12_0" / f"layer_{layer}_scale_{scale!r}" / "out_5_3.json", metadata, rows)
     notebook = execute("03_compare_results.ipynb", tmp_path, {"results_dir": str(results)})
-    assert "4 configs, 12 rows" in printed(notebook) and "metrics in the rows: concept_score" in printed(notebook)
+    assert "4 configs, 12 rows" in printed(notebook) and "concept_score" in printed(notebook)
+    assert "scored experiments: 12_0/out_5_3.json" in printed(notebook)
     summary = next(
         o["data"]["text/html"] for o in outputs(notebook) if "n_prompts" in o.get("data", {}).get("text/html", "")
     )
     assert summary.count("12_0 L") == 4
-    length, concept = figures(notebook)
+    drawn = figures(notebook)
+    length, heatmaps = drawn[0], drawn[-1]
+    concept = next(
+        f for f in drawn if f["layout"].get("yaxis", {}).get("title", {}).get("text") == "mean concept_score"
+    )
+    assert [trace["type"] for trace in heatmaps["data"]][:2] == ["heatmap", "heatmap"]
+    concept_map = heatmaps["data"][0]
+    assert concept_map["z"] == [[pytest.approx(0.1), pytest.approx(0.2)]] * 2, "concept delta by layer and scale"
+    assert "layer 1, scale 1" in widget_state_text(notebook), "the cell dropdown lists the cells"
     assert "Response length (words)" in length["layout"]["title"]["text"]
     steered = [trace for trace in length["data"] if trace["line"]["dash"] == "solid"]
     assert [trace["name"] for trace in steered] == ["12_0 layer 1", "12_0 layer 2"]

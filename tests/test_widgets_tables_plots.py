@@ -463,3 +463,36 @@ print("ok", sorted(m for m in BLOCKED if m in sys.modules))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok []"
+
+
+def test_metric_cell_browser_shows_the_texts_of_the_chosen_cell(tmp_path) -> None:
+    from chunky_utils.metric_views import metrics_frame
+    from chunky_utils.results import write_results
+    from chunky_utils.widgets import MetricCellBrowser
+
+    fluent = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8, "concept_score": 0.1}
+    for scale in (1.0, 4.0):
+        rows = [
+            {
+                "prompt_idx": 0,
+                "prompt": "p",
+                "baseline": "plain answer",
+                "steered": f"answer at {scale}",
+                "metrics": {"baseline": fluent, "steered": {**fluent, "concept_score": scale / 10}},
+            }
+        ]
+        metadata = {
+            "target_subset": "12",
+            "baseline_subset": "0",
+            "layer": 3,
+            "scale": scale,
+            "inference_dataset": None,
+            "model_name": "m",
+        }
+        write_results(tmp_path / "12_0" / f"layer_3_scale_{scale!r}" / "results.json", metadata, rows)
+    browser = MetricCellBrowser(metrics_frame(tmp_path))
+    labels = [label for label, _ in browser.dropdown.options]
+    assert len(labels) == 2 and labels[0].startswith("layer 3, scale 1")
+    assert "answer at 1.0" in browser.table.value
+    browser.dropdown.value = (3, 4.0)
+    assert "answer at 4.0" in browser.table.value and "answer at 1.0" not in browser.table.value
