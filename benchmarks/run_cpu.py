@@ -32,47 +32,87 @@ def extraction_rows(loaded: LoadedModel, prompts: list[str], repeats: int, quick
     times, stats = extraction_vs_plain(loaded, prompts, batch_size=16, layers=None, repeats=repeats)
     ratio = times["plain"] / times["extract"]
     rows = [
-        Row("extraction tok/s / plain body forward tok/s (all 30 layers)", ratio, ">= 0.9", ratio >= 0.9,
-            f"{stats['tokens'] / times['extract']:.0f} vs {stats['tokens'] / times['plain']:.0f} tok/s"),
-        Row("padding waste (length-sorted batches of 16)", stats["waste"], "< 0.10", stats["waste"] < 0.10,
-            f"{int(stats['tokens'])} real of {int(stats['padded'])} padded tokens"),
+        Row(
+            "extraction tok/s / plain body forward tok/s (all 30 layers)",
+            ratio,
+            ">= 0.9",
+            ratio >= 0.9,
+            f"{stats['tokens'] / times['extract']:.0f} vs {stats['tokens'] / times['plain']:.0f} tok/s",
+        ),
+        Row(
+            "padding waste (length-sorted batches of 16)",
+            stats["waste"],
+            "< 0.10",
+            stats["waste"] < 0.10,
+            f"{int(stats['tokens'])} real of {int(stats['padded'])} padded tokens",
+        ),
     ]
     to16, _ = extraction_vs_plain(loaded, prompts, batch_size=16, layers=[16], repeats=repeats)
     ratio16 = to16["plain"] / to16["extract"]
-    rows.append(Row("extraction to layer 16 / plain body to layer 16", ratio16, ">= 0.9", ratio16 >= 0.9,
-                    f"stopped pass: {to16['extract']:.2f} s vs all layers {times['extract']:.2f} s"))
+    rows.append(
+        Row(
+            "extraction to layer 16 / plain body to layer 16",
+            ratio16,
+            ">= 0.9",
+            ratio16 >= 0.9,
+            f"stopped pass: {to16['extract']:.2f} s vs all layers {times['extract']:.2f} s",
+        )
+    )
     few = prompts[: 12 if quick else 24]
     single = side_by_side(
         {
-            "batched": lambda: extract_last_token_activations(loaded.model, loaded.tokenizer, few, None, 16,
-                                                              progress=False),
-            "single": lambda: extract_last_token_activations(loaded.model, loaded.tokenizer, few, None, 1,
-                                                             progress=False),
+            "batched": lambda: extract_last_token_activations(
+                loaded.model, loaded.tokenizer, few, None, 16, progress=False
+            ),
+            "single": lambda: extract_last_token_activations(
+                loaded.model, loaded.tokenizer, few, None, 1, progress=False
+            ),
         },
         repeats,
     )
     speedup = single["single"] / single["batched"]
-    rows.append(Row("batched extraction speed-up over one prompt at a time", speedup, ">= 2", speedup >= 2,
-                    f"{len(few)} prompts: {single['batched']:.2f} s vs {single['single']:.2f} s"))
+    rows.append(
+        Row(
+            "batched extraction speed-up over one prompt at a time",
+            speedup,
+            ">= 2",
+            speedup >= 2,
+            f"{len(few)} prompts: {single['batched']:.2f} s vs {single['single']:.2f} s",
+        )
+    )
     return rows
 
 
 def generation_rows(loaded: LoadedModel, new_tokens: int, repeats: int) -> list[Row]:
     """Baseline alone against baseline+steered and baseline+5 scales in one generate; the hook's cost."""
     prompts = load_prompt_set("5", 8, data_source="bundled", seed=1).prompts
-    gen = generation_ratios(loaded, prompts, layer=16, max_new_tokens=new_tokens, prompts_per_batch=8,
-                            repeats=repeats)
+    gen = generation_ratios(loaded, prompts, layer=16, max_new_tokens=new_tokens, prompts_per_batch=8, repeats=repeats)
     both = gen["baseline+steered"] / gen["baseline"]
     five = gen["baseline+5_scales"] / gen["baseline"]
     hook = gen["baseline"] / gen["no_hook"] - 1.0
     detail = f"8 prompts x {new_tokens} tokens; baseline {gen['baseline']:.2f} s"
     return [
-        Row("baseline+steered in one generate / baseline alone", both, "<= 1.3", both <= 1.3,
-            f"{detail}, both {gen['baseline+steered']:.2f} s"),
-        Row("baseline+5 scales in one generate / baseline alone", five, "<= 2.5", five <= 2.5,
-            f"{detail}, six rows {gen['baseline+5_scales']:.2f} s"),
-        Row("steering hook overhead (hooked baseline / plain generate - 1)", hook, "<= 0.03", hook <= 0.03,
-            f"plain {gen['no_hook']:.2f} s"),
+        Row(
+            "baseline+steered in one generate / baseline alone",
+            both,
+            "<= 1.3",
+            both <= 1.3,
+            f"{detail}, both {gen['baseline+steered']:.2f} s",
+        ),
+        Row(
+            "baseline+5 scales in one generate / baseline alone",
+            five,
+            "<= 2.5",
+            five <= 2.5,
+            f"{detail}, six rows {gen['baseline+5_scales']:.2f} s",
+        ),
+        Row(
+            "steering hook overhead (hooked baseline / plain generate - 1)",
+            hook,
+            "<= 0.03",
+            hook <= 0.03,
+            f"plain {gen['no_hook']:.2f} s",
+        ),
     ]
 
 
@@ -84,14 +124,18 @@ def cache_hit_row(loaded: LoadedModel, target: PromptSet, baseline: PromptSet) -
             subset_means(loaded, prompt_set, [16], cache_dir, progress=False)
         started = time.perf_counter()
         hits = [
-            subset_means(loaded, load_prompt_set(key, n_vector, data_source="bundled"), [20], cache_dir,
-                         progress=False)
+            subset_means(loaded, load_prompt_set(key, n_vector, data_source="bundled"), [20], cache_dir, progress=False)
             for key in ("12", "0")
         ]
         contrastive_vector(*hits)
         seconds = time.perf_counter() - started
-    return Row("cache hit: prompts -> vector, model loaded (s)", seconds, "< 1.0", seconds < 1.0,
-               f"hits: {all(h.cache_hit for h in hits)}")
+    return Row(
+        "cache hit: prompts -> vector, model loaded (s)",
+        seconds,
+        "< 1.0",
+        seconds < 1.0,
+        f"hits: {all(h.cache_hit for h in hits)}",
+    )
 
 
 def main() -> None:
@@ -115,8 +159,10 @@ def main() -> None:
         rows += generation_rows(loaded, 16 if args.quick else args.new_tokens, max(1, repeats - 1))
     if args.only == "all":
         rows.append(cache_hit_row(loaded, target, baseline))
-    print(f"\nCPU benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, model {loaded.name}\n")
+    print(
+        f"\nCPU benchmark, {date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, model {loaded.name}\n"
+    )
     print_table("CPU, embedded SmolLM2-135M-Instruct", rows)
     print("\nmetric overhead: .venv/bin/python benchmarks/bench_metrics.py")
 

@@ -29,6 +29,7 @@ class GenerationSettings:
     batch_size: int = 64
     positions: str = "all"
     min_new_tokens: int = 0
+    cache_implementation: str | None = None  # e.g. "static": preallocated KV cache, no per-step concatenation
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -50,6 +51,13 @@ class GenerationOutput:
 
     def for_scale(self, scale: float) -> list[str]:
         return self.texts[self.scales.index(scale)]
+
+
+def default_cache_implementation(model: torch.nn.Module) -> str | None:
+    """'static' (preallocated KV cache) for a model on one GPU, where per-step concatenation of the
+    dynamic cache costs up to 1.7x with many rows (benchmarks/README.md); the default elsewhere."""
+    devices = {param.device for param in model.parameters()}
+    return "static" if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -75,6 +83,7 @@ def generate_with_scales(
     new_tokens = 0
     torch.manual_seed(settings.seed)
     pad_id = pad_token_id(tokenizer)
+    cache_implementation = settings.cache_implementation or default_cache_implementation(model)
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
         rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
         inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
@@ -86,6 +95,7 @@ def generate_with_scales(
                 attention_mask=inputs["attention_mask"],
                 max_new_tokens=settings.max_new_tokens,
                 min_new_tokens=settings.min_new_tokens or None,
+                cache_implementation=cache_implementation,
                 pad_token_id=pad_id,
                 **(sampling if settings.temperature > 0 else {"do_sample": False}),
             )
