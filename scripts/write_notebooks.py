@@ -222,7 +222,9 @@ from chunky_utils.metric_views import (
     metrics_frame,
 )
 from chunky_utils.widgets import ComparisonViewer, MetricCellBrowser
+from chunky_utils.sweep import read_summary
 from IPython.display import display
+from pathlib import Path
 
 setup_offline_plotly()
 print(f"relative paths start at {use_project_root()}")""",
@@ -233,6 +235,13 @@ print(f"relative paths start at {use_project_root()}")""",
         """frame = load_results_frame(results_dir)
 print(f"{frame['config_id'].nunique()} configs, {len(frame)} rows under {results_dir}")
 summarize_configs(frame)""",
+    ),
+    (
+        "code",
+        """sweep_csv = Path(results_dir) / "summary.csv"  # present when results_dir is a chunky-sweep folder
+sweep_summary = read_summary(sweep_csv) if sweep_csv.is_file() else None
+print(f"sweep summary: {len(sweep_summary)} rows" if sweep_summary is not None else "no sweep summary.csv here")
+sweep_summary.head() if sweep_summary is not None else None""",
     ),
     ("md", "## What changes with layer and scale"),
     ("code", "response_length_figure(frame, length_unit).show()"),

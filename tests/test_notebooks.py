@@ -193,7 +193,9 @@ def test_compare_notebook_loads_every_result_and_plots_length_and_metrics(tmp_pa
                 "inference_n_samples": 3,
             }
             write_results(results / "12_0" / f"layer_{layer}_scale_{scale!r}" / "out_5_3.json", metadata, rows)
+    (results / "summary.csv").write_text("point_id,prompt_idx\np1,0\np1,1\n")
     notebook = execute("03_compare_results.ipynb", tmp_path, {"results_dir": str(results)})
+    assert "sweep summary: 2 rows" in printed(notebook)
     assert "4 configs, 12 rows" in printed(notebook) and "concept_score" in printed(notebook)
     assert "scored experiments: 12_0/out_5_3.json" in printed(notebook)
     summary = next(
