@@ -214,53 +214,25 @@ def test_trust_remote_code_is_off_unless_asked() -> None:
     assert config_from_args(args).trust_remote_code is True
 
 
+def steer_argv(*extra: str) -> list[str]:
+    return ["--target-subset", "12", "--baseline-subset", "0", "--data-source", "bundled", "-q", *extra]
+
+
 def test_unwritable_output_dir_is_refused(tmp_path: Path) -> None:
     from chunky_utils.cli import main
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = main(
-        [
-            "--target-subset",
-            "12",
-            "--baseline-subset",
-            "0",
-            "--layer",
-            "1",
-            "--model",
-            "tiny-random:llama",
-            "--output-dir",
-            str(blocker / "sub"),
-            "-q",
-        ]
-    )
-    assert code == 2
+    assert main(steer_argv("--layer", "1", "--model", "tiny-random:llama", "--output-dir", str(blocker / "sub"))) == 2
 
 
 def test_layer_out_of_range_is_caught_before_model_load(tmp_path: Path, capsys) -> None:
     from chunky_utils.cli import main
 
-    code = main(
-        [
-            "--target-subset",
-            "12",
-            "--baseline-subset",
-            "0",
-            "--layer",
-            "30",
-            "--output-dir",
-            str(tmp_path),
-            "--cache-dir",
-            str(REPO_ROOT / "cache"),
-            "--data-source",
-            "bundled",
-            "-q",
-        ]
-    )
-    err = capsys.readouterr().err
     if not (REPO_ROOT / "cache" / "models" / "smollm2-135m-instruct" / "config.json").is_file():
-        pytest.skip("embedded model not converted yet")
-    assert code == 2 and "layers 0..29" in err
+        pytest.skip("embedded model not converted yet: its layer count is known only after loading")
+    code = main(steer_argv("--layer", "30", "--output-dir", str(tmp_path), "--cache-dir", str(REPO_ROOT / "cache")))
+    assert code == 2 and "layers 0..29" in capsys.readouterr().err
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
@@ -273,12 +245,29 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
 
 
 SWEEP_VALUES = st.one_of(
-    st.none(), st.integers(-3, 40), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
+    st.none(),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
     st.lists(st.one_of(st.integers(-3, 40), st.text(max_size=6), st.floats(allow_nan=True)), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
 )
-SWEEP_KEYS = ["pairs", "layers", "scales", "inference_datasets", "inference_n_samples", "workers", "executor",
-              "name", "model", "n_samples", "max_tokens", "temperature", "submitit", "bogus"]
+SWEEP_KEYS = [
+    "pairs",
+    "layers",
+    "scales",
+    "inference_datasets",
+    "inference_n_samples",
+    "workers",
+    "executor",
+    "name",
+    "model",
+    "n_samples",
+    "max_tokens",
+    "temperature",
+    "submitit",
+    "bogus",
+]
 
 
 @settings(max_examples=80, deadline=None)
