@@ -84,11 +84,15 @@ def generate_with_scales(
     torch.manual_seed(settings.seed)
     pad_id = pad_token_id(tokenizer)
     cache_implementation = settings.cache_implementation or default_cache_implementation(model)
+    decoding: dict[str, object] = (
+        {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
+        if settings.temperature > 0
+        else {"do_sample": False}
+    )
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
         rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
         inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
         deltas = torch.stack([vector * scale_values[s] for _, s in rows])
-        sampling = {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
         with add_to_layers(model, {layer: deltas}, settings.positions):
             output = model.generate(
                 input_ids=inputs["input_ids"],
@@ -97,15 +101,12 @@ def generate_with_scales(
                 min_new_tokens=settings.min_new_tokens or None,
                 cache_implementation=cache_implementation,
                 pad_token_id=pad_id,
-                **(sampling if settings.temperature > 0 else {"do_sample": False}),
+                **decoding,
             )
         generated = output[:, inputs["input_ids"].shape[1] :]
-        eos = tokenizer.eos_token_id
+        new_tokens += int((generated != pad_id).sum())
         for row, (prompt_index, scale_index) in enumerate(rows):
-            ids = generated[row]
-            if eos is not None:
-                new_tokens += int((ids != pad_id).sum()) if pad_id != eos else int(ids.numel())
-            texts[scale_index][prompt_index] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            texts[scale_index][prompt_index] = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
     seconds = time.perf_counter() - started
     log.info("generated %d prompts x %d scales in %.1f s", len(prompts), len(scale_values), seconds)
     return GenerationOutput(tuple(scale_values), texts, seconds, new_tokens)
