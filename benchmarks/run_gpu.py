@@ -23,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_lib import Row, print_table, side_by_side  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
-from chunky_utils.generation import GenerationSettings, generate_with_scales  # noqa: E402
+from chunky_utils.generation import (  # noqa: E402
+    GenerationSettings,
+    generate_with_scales,
+)
 from chunky_utils.models import (  # noqa: E402
     LoadedModel,
     build_byte_tokenizer,
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for benchmark.json and benchmark.md")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-multi-gpu", action="store_true")
+    parser.add_argument("--only-multi-gpu", action="store_true", help="just the --tensor-parallel-size 2 check")
+    parser.add_argument("--only-generation", action="store_true", help="skip the extraction measurements")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, no figures")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -131,6 +136,10 @@ def main() -> None:
         "torch": torch.__version__,
         "prompt_tokens": n_tokens,
     }
+    if args.only_multi_gpu:
+        rows.extend(multi_gpu(loaded, make_prompts(8, 50, 400, seed=1), torch.randn(loaded.hidden_size) * 2.0, results))
+        report(args.out, results, rows)
+        return
 
     def extract_both(layers: list[int] | None, batch_size: int = 64, max_batch_tokens: int = 32768) -> None:
         for prompts in (target, baseline):
@@ -144,45 +153,50 @@ def main() -> None:
                 progress=False,
             )
 
-    times = side_by_side(
-        {
-            "plain_forward_b32": lambda: plain_full_forward(loaded, vector_prompts, 32),
-            "extract_to_16": lambda: extract_both([16]),
-            "extract_to_16_b128_64k": lambda: extract_both([16], batch_size=128, max_batch_tokens=65536),
-            "extract_all_layers": lambda: extract_both(None),
-        },
-        args.repeats,
+    times = (
+        {}
+        if args.only_generation
+        else side_by_side(
+            {
+                "plain_forward_b32": lambda: plain_full_forward(loaded, vector_prompts, 32),
+                "extract_to_16": lambda: extract_both([16]),
+                "extract_to_16_b128_64k": lambda: extract_both([16], batch_size=128, max_batch_tokens=65536),
+                "extract_all_layers": lambda: extract_both(None),
+            },
+            args.repeats,
+        )
     )
     results["extraction_s"] = times
-    rows.append(
-        Row(
-            "plain full forward, 200 prompts, batch 32 (s)",
-            times["plain_forward_b32"],
-            "reference 2.4 s",
-            True,
-            f"{n_tokens} tokens",
+    if times:
+        rows.append(
+            Row(
+                "plain full forward, 200 prompts, batch 32 (s)",
+                times["plain_forward_b32"],
+                "reference 2.4 s",
+                True,
+                f"{n_tokens} tokens",
+            )
         )
-    )
-    rows.append(
-        Row(
-            "extraction, 2 x 100 prompts, layer 16 (s)",
-            times["extract_to_16"],
-            "< 1.0",
-            times["extract_to_16"] < 1.0,
-            f"{n_tokens / times['extract_to_16']:.0f} tok/s",
+        rows.append(
+            Row(
+                "extraction, 2 x 100 prompts, layer 16 (s)",
+                times["extract_to_16"],
+                "< 1.0",
+                times["extract_to_16"] < 1.0,
+                f"{n_tokens / times['extract_to_16']:.0f} tok/s",
+            )
         )
-    )
-    big = times["extract_to_16_b128_64k"]
-    rows.append(Row("extraction, layer 16, batches up to 128 rows / 64k tokens (s)", big, "< 1.0", big < 1.0))
-    rows.append(
-        Row(
-            "extraction, every layer (s)",
-            times["extract_all_layers"],
-            "-",
-            True,
-            f"speed-up over plain forward {times['plain_forward_b32'] / times['extract_all_layers']:.2f}x",
+        big = times["extract_to_16_b128_64k"]
+        rows.append(Row("extraction, layer 16, batches up to 128 rows / 64k tokens (s)", big, "< 1.0", big < 1.0))
+        rows.append(
+            Row(
+                "extraction, every layer (s)",
+                times["extract_all_layers"],
+                "-",
+                True,
+                f"speed-up over plain forward {times['plain_forward_b32'] / times['extract_all_layers']:.2f}x",
+            )
         )
-    )
 
     gen_prompts = make_prompts(n_gen, 50, 400, seed=1)
     vector = torch.randn(loaded.hidden_size) * 2.0
@@ -250,10 +264,14 @@ def main() -> None:
 
     if torch.cuda.device_count() >= 2 and not args.skip_multi_gpu:
         rows.extend(multi_gpu(loaded, gen_prompts[:8], vector, results))
+    report(args.out, results, rows)
+
+
+def report(out: Path | None, results: dict[str, object], rows: list[Row]) -> None:
     results["table"] = print_table(f"GPU: {results['gpu']}, random Llama-3.1-8B shape, bf16", rows)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps(results, indent=2, default=str))
 
 
 def multi_gpu(single: LoadedModel, prompts: list[str], vector: torch.Tensor, results: dict[str, object]) -> list[Row]:
@@ -278,7 +296,27 @@ def multi_gpu(single: LoadedModel, prompts: list[str], vector: torch.Tensor, res
         2,
     )
     same = one.texts == two.texts
-    results["multi_gpu"] = {"devices": devices, "load_s": load_s, "generate_s": times, "texts_equal": same}
+    from dataclasses import replace as replace_settings
+
+    checks = {}
+    for cache in ("static", "dynamic"):
+        forced = replace_settings(settings, cache_implementation=cache)
+        try:
+            a = generate_with_scales(single, prompts, 16, vector, [0.0, 2.0], forced, progress=False).texts
+            b = generate_with_scales(spread, prompts, 16, vector, [0.0, 2.0], forced, progress=False).texts
+            checks[cache] = a == b
+        except Exception as exc:  # report, do not hide: a cache kind may not support several devices
+            checks[cache] = f"{exc.__class__.__name__}: {exc}"[:300]
+    results["texts_equal_by_cache"] = checks
+    print("texts equal with the same cache kind on both:", checks, flush=True)
+    caches = {"one_gpu": settings.cache_implementation, "two_gpus": settings.cache_implementation}
+    results["multi_gpu"] = {
+        "devices": devices,
+        "load_s": load_s,
+        "generate_s": times,
+        "texts_equal": same,
+        "kv_cache": caches,
+    }
     return [
         Row("TP=2: greedy baseline+steered texts equal single-GPU", float(same), "1", same, f"devices {devices}"),
         Row(

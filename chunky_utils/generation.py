@@ -29,7 +29,7 @@ class GenerationSettings:
     batch_size: int = 64
     positions: str = "all"
     min_new_tokens: int = 0
-    cache_implementation: str | None = None  # e.g. "static": preallocated KV cache, no per-step concatenation
+    cache_implementation: str | None = None  # None = transformers' dynamic cache; "static" also compiles on GPU
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -51,13 +51,6 @@ class GenerationOutput:
 
     def for_scale(self, scale: float) -> list[str]:
         return self.texts[self.scales.index(scale)]
-
-
-def default_cache_implementation(model: torch.nn.Module) -> str | None:
-    """'static' (preallocated KV cache) for a model on one GPU, where per-step concatenation of the
-    dynamic cache costs up to 1.7x with many rows (benchmarks/README.md); the default elsewhere."""
-    devices = {param.device for param in model.parameters()}
-    return "static" if len(devices) == 1 and next(iter(devices)).type == "cuda" else None
 
 
 @torch.inference_mode()
@@ -83,7 +76,6 @@ def generate_with_scales(
     new_tokens = 0
     torch.manual_seed(settings.seed)
     pad_id = pad_token_id(tokenizer)
-    cache_implementation = settings.cache_implementation or default_cache_implementation(model)
     decoding: dict[str, object] = (
         {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
         if settings.temperature > 0
@@ -99,7 +91,7 @@ def generate_with_scales(
                 attention_mask=inputs["attention_mask"],
                 max_new_tokens=settings.max_new_tokens,
                 min_new_tokens=settings.min_new_tokens or None,
-                cache_implementation=cache_implementation,
+                cache_implementation=settings.cache_implementation,
                 pad_token_id=pad_id,
                 **decoding,
             )
