@@ -6,7 +6,8 @@ import argparse
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from chunky_utils.activations import READ_POSITIONS
 from chunky_utils.config import CAPTURE_MODES, RunConfig
@@ -16,6 +17,7 @@ from chunky_utils.models import EMBEDDED_MODEL_ID
 from chunky_utils.steering import STEER_POSITIONS
 
 log = logging.getLogger("chunky_utils")
+T = TypeVar("T")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -156,20 +158,28 @@ def setup_logging(quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def guarded(action: Callable[[], T], interrupted: str) -> T | int:
+    """Run a command body: a UsageError becomes one line and exit 2, Ctrl-C a message and exit 130."""
+    try:
+        return action()
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
     from chunky_utils.pipeline import run_experiment
 
-    try:
-        config = config_from_args(args).validated()
-        outcome = run_experiment(config)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no partial result was written", file=sys.stderr)
-        return 130
+    outcome = guarded(
+        lambda: run_experiment(config_from_args(args).validated()), "interrupted: no partial result was written"
+    )
+    if isinstance(outcome, int):
+        return outcome
     for path in outcome.written.values():
         print(path)
     for path in outcome.skipped.values():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from chunky_utils.cache import atomic_write_json, atomic_write_text
-from chunky_utils.cli import OneLineParser, finite_float, setup_logging
+from chunky_utils.cli import OneLineParser, finite_float, guarded, setup_logging
 from chunky_utils.config import CAPTURE_MODES, NON_RESULT_FIELDS, RunConfig
 from chunky_utils.data import DATA_SOURCES, TULU_SET_MAP, USER_FILE_SUFFIXES
 from chunky_utils.errors import UsageError
@@ -1078,18 +1078,19 @@ def describe_plan(spec: SweepSpec) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    try:
+
+    def body() -> SweepReport | None:
         spec, options = load_sweep(mapping_from_args(args))
         if args.dry_run:
             print("\n".join(describe_plan(spec)))
-            return 0
-        report = run_sweep(spec, replace(options, progress=not args.quiet))
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished points are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+            return None
+        return run_sweep(spec, replace(options, progress=not args.quiet))
+
+    report = guarded(body, "interrupted: finished points are kept; rerun the same command to resume")
+    if report is None:
+        return 0
+    if isinstance(report, int):
+        return report
     print(
         f"sweep {report.folder.name}: {len(report.ran)} run, {len(report.skipped)} already finished, "
         f"{len(report.failed)} failed"
