@@ -109,18 +109,20 @@ def generation_ratios(
     prompts_per_batch: int,
     repeats: int = 2,
 ) -> dict[str, float]:
-    """Seconds for: plain generate (no hook), baseline through the hook, baseline+steered, baseline+5 scales.
+    """Seconds for: plain generate (no hook), baseline through the hook, baseline+steered, baseline+5 scales,
+    and the first three again with the prompt prefilled inside `generate` (no packed prefill).
 
     Every row decodes exactly `max_new_tokens` (min_new_tokens), so the runs do the same number of steps.
     """
     vector = torch.randn(loaded.hidden_size) * 4.0
 
-    def steered(scales: list[float]) -> Callable[[], object]:
+    def steered(scales: list[float], packed: bool = True) -> Callable[[], object]:
         settings = GenerationSettings(
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             temperature=0.0,
             batch_size=prompts_per_batch * len(scales),
+            packed_prefill=packed,
         )
         return lambda: generate_with_scales(loaded, prompts, layer, vector, scales, settings, progress=False)
 
@@ -145,6 +147,9 @@ def generation_ratios(
             "baseline": steered([0.0]),
             "baseline+steered": steered([0.0, 2.0]),
             "baseline+5_scales": steered([0.0, 0.5, 1.0, 2.0, 4.0, 8.0]),
+            "baseline_plain_prefill": steered([0.0], packed=False),
+            "baseline+steered_plain_prefill": steered([0.0, 2.0], packed=False),
+            "baseline+5_scales_plain_prefill": steered([0.0, 0.5, 1.0, 2.0, 4.0, 8.0], packed=False),
         },
         repeats,
     )

@@ -7,13 +7,16 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from chunky_utils.activations import length_sorted_batches
+from chunky_utils.attention import grouped_query_decoding
 from chunky_utils.errors import UsageError
 from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.prefill import cache_argument_name, packed_prefill
 from chunky_utils.steering import add_to_layers
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ class GenerationSettings:
     positions: str = "all"
     min_new_tokens: int = 0
     cache_implementation: str | None = None  # None = transformers' dynamic cache; "static" also compiles on GPU
+    packed_prefill: bool = True  # prompt KV cache built by chunky_utils.prefill, not inside generate
+    prefill_batch_tokens: int = 16384  # padded tokens per prefill chunk
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,6 +43,8 @@ class GenerationSettings:
             raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.prefill_batch_tokens < 1:
+            raise UsageError(f"prefill_batch_tokens must be at least 1, got {self.prefill_batch_tokens}")
 
 
 @dataclass(frozen=True)
@@ -81,24 +88,47 @@ def generate_with_scales(
         if settings.temperature > 0
         else {"do_sample": False}
     )
-    for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
-        rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
-        inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
-        deltas = torch.stack([vector * scale_values[s] for _, s in rows])
-        with add_to_layers(model, {layer: deltas}, settings.positions):
-            output = model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                max_new_tokens=settings.max_new_tokens,
-                min_new_tokens=settings.min_new_tokens or None,
-                cache_implementation=settings.cache_implementation,
-                pad_token_id=pad_id,
-                **decoding,
-            )
-        generated = output[:, inputs["input_ids"].shape[1] :]
-        new_tokens += int((generated != pad_id).sum())
-        for row, (prompt_index, scale_index) in enumerate(rows):
-            texts[scale_index][prompt_index] = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
+    with grouped_query_decoding(model):
+        for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+            rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
+            inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
+            deltas = torch.stack([vector * scale_values[s] for _, s in rows])
+            prompt_cache = _prompt_cache(loaded, token_ids, rows, deltas, layer, settings)
+            with add_to_layers(model, {layer: deltas}, settings.positions):
+                output = model.generate(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs["attention_mask"],
+                    **prompt_cache,
+                    max_new_tokens=settings.max_new_tokens,
+                    min_new_tokens=settings.min_new_tokens or None,
+                    cache_implementation=settings.cache_implementation,
+                    pad_token_id=pad_id,
+                    **decoding,
+                )
+            generated = output[:, inputs["input_ids"].shape[1] :]
+            new_tokens += int((generated != pad_id).sum())
+            for row, (prompt_index, scale_index) in enumerate(rows):
+                texts[scale_index][prompt_index] = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
     seconds = time.perf_counter() - started
     log.info("generated %d prompts x %d scales in %.1f s", len(prompts), len(scale_values), seconds)
     return GenerationOutput(tuple(scale_values), texts, seconds, new_tokens)
+
+
+def _prompt_cache(
+    loaded: LoadedModel,
+    token_ids: Sequence[Sequence[int]],
+    rows: Sequence[tuple[int, int]],
+    deltas: torch.Tensor,
+    layer: int,
+    settings: GenerationSettings,
+) -> dict[str, Any]:
+    """`generate` keyword arguments carrying a packed prompt cache, or none (prefill inside `generate`)."""
+    if not settings.packed_prefill or settings.cache_implementation is not None:
+        return {}
+    prompt_deltas = None if settings.positions == "generated" else deltas
+    row_prompts = [prompt for prompt, _ in rows]
+    cache = packed_prefill(loaded, token_ids, row_prompts, prompt_deltas, layer, settings.prefill_batch_tokens)
+    if cache is None:
+        log.debug("model cache is not plain full attention: prefilling inside generate")
+        return {}
+    return {cache_argument_name(loaded.model): cache}

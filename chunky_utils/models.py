@@ -334,7 +334,6 @@ def peek_n_layers(model_id: str, cache_dir: Path | str = "cache") -> int | None:
     return None
 
 
-
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32

@@ -17,7 +17,7 @@ from chunky_utils.models import check_layer, find_decoder_layers
 
 STEER_POSITIONS: tuple[str, ...] = ("all", "generated")
 """'all' adds the delta at every position, prompt included (the seed's behaviour); 'generated' only
-on decoding steps after the prompt."""
+where a new token is predicted: the last prompt token and every decoding step."""
 
 
 class RowDeltaHook:
@@ -32,8 +32,6 @@ class RowDeltaHook:
 
     def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
         hidden = output_hidden(output)
-        if self.positions == "generated" and hidden.shape[1] != 1:
-            return output
         if self._cast is None or self._cast.device != hidden.device or self._cast.dtype != hidden.dtype:
             self._cast = self.delta.to(device=hidden.device, dtype=hidden.dtype)
         delta = self._cast
@@ -41,7 +39,11 @@ class RowDeltaHook:
             if delta.shape[0] != hidden.shape[0]:
                 raise ValueError(f"steering has {delta.shape[0]} rows but the batch has {hidden.shape[0]}")
             delta = delta[:, None, :]
-        steered = hidden + delta
+        if self.positions == "generated" and hidden.shape[1] != 1:  # a prompt pass: only its last token
+            steered = hidden.clone()
+            steered[:, -1:] += delta
+        else:
+            steered = hidden + delta
         if isinstance(output, tuple):
             return (steered, *output[1:])
         if isinstance(output, list):

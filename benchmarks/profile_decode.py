@@ -1,0 +1,71 @@
+"""Diagnostic: where decoding time goes at 50 vs 100 rows on the GPU (plain transformers generate)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_lib import side_by_side  # noqa: E402
+from benchmarks.run_gpu import build_random_llama8b, make_prompts  # noqa: E402
+from chunky_utils.models import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
+
+
+def main() -> None:
+    loaded = build_random_llama8b("cuda:0")
+    prompts = make_prompts(50, 50, 400, seed=1)
+    ids = tokenize_prompts(loaded.tokenizer, format_prompts(loaded.tokenizer, prompts))
+    pad = pad_token_id(loaded.tokenizer)
+
+    def gen(rows: int, tokens: int = 100, **kwargs: object):
+        inputs = left_pad((ids * 2)[:rows] if rows > 50 else ids[:rows], pad, loaded.device)
+
+        @torch.inference_mode()
+        def run() -> None:
+            loaded.model.generate(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                do_sample=False,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                pad_token_id=pad,
+                **kwargs,
+            )
+
+        return run
+
+    mode = sys.argv[1] if len(sys.argv) > 1 else "times"
+    if mode == "times":
+        times = side_by_side(
+            {
+                "b50_t100": gen(50),
+                "b100_t100": gen(100),
+                "b50_t1": gen(50, 1),
+                "b100_t1": gen(100, 1),
+                "b50_static": gen(50, cache_implementation="static", disable_compile=True),
+                "b100_static": gen(100, cache_implementation="static", disable_compile=True),
+            },
+            2,
+        )
+        for name, value in times.items():
+            print(f"{name}: {value:.3f} s", flush=True)
+        for b in (50, 100):
+            decode = times[f"b{b}_t100"] - times[f"b{b}_t1"]
+            prefill = times[f"b{b}_t1"]
+            print(f"rows {b}: prefill {prefill:.3f} s, decode 99 steps {decode:.3f} s = {decode / 0.099:.1f} ms/step")
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        run = gen(100, 20)
+        run()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            run()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
