@@ -125,6 +125,10 @@ def _prompt_cache(
     """`generate` keyword arguments carrying a packed prompt cache, or none (prefill inside `generate`)."""
     if not settings.packed_prefill or settings.cache_implementation is not None:
         return {}
+    if len({parameter.device for parameter in loaded.model.parameters()}) > 1:
+        # split over devices, packed prefill gave slightly different numbers than the same model on one GPU
+        # (greedy texts 13 of 16 equal, benchmarks/README.md), so it stays with generate's own prefill
+        return {}
     prompt_deltas = None if settings.positions == "generated" else deltas
     row_prompts = [prompt for prompt, _ in rows]
     cache = packed_prefill(loaded, token_ids, row_prompts, prompt_deltas, layer, settings.prefill_batch_tokens)
