@@ -5,37 +5,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_lib import side_by_side  # noqa: E402
-from benchmarks.run_gpu import build_random_llama8b, make_prompts  # noqa: E402
-from chunky_utils.models import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
+from benchmarks.run_gpu import build_random_llama8b, make_prompts, plain_generate  # noqa: E402
 
 
 def main() -> None:
     loaded = build_random_llama8b("cuda:0")
     prompts = make_prompts(50, 50, 400, seed=1)
-    ids = tokenize_prompts(loaded.tokenizer, format_prompts(loaded.tokenizer, prompts))
-    pad = pad_token_id(loaded.tokenizer)
 
     def gen(rows: int, tokens: int = 100, **kwargs: object):
-        inputs = left_pad((ids * 2)[:rows] if rows > 50 else ids[:rows], pad, loaded.device)
-
-        @torch.inference_mode()
-        def run() -> None:
-            loaded.model.generate(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs["attention_mask"],
-                do_sample=False,
-                max_new_tokens=tokens,
-                min_new_tokens=tokens,
-                pad_token_id=pad,
-                **kwargs,
-            )
-
-        return run
+        chosen = (prompts * 2)[:rows]
+        return lambda: plain_generate(loaded, chosen, tokens, **kwargs)
 
     mode = sys.argv[1] if len(sys.argv) > 1 else "times"
     if mode == "times":

@@ -98,7 +98,7 @@ def plain_full_forward(loaded: LoadedModel, prompts: list[str], batch_size: int)
 
 
 @torch.inference_mode()
-def plain_generate(loaded: LoadedModel, prompts: list[str], new_tokens: int) -> list[str]:
+def plain_generate(loaded: LoadedModel, prompts: list[str], new_tokens: int, **generate_kwargs: object) -> list[str]:
     token_ids = tokenize_prompts(loaded.tokenizer, format_prompts(loaded.tokenizer, prompts))
     inputs = left_pad(token_ids, pad_token_id(loaded.tokenizer), loaded.device)
     out = loaded.model.generate(
@@ -108,6 +108,7 @@ def plain_generate(loaded: LoadedModel, prompts: list[str], new_tokens: int) -> 
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         pad_token_id=pad_token_id(loaded.tokenizer),
+        **generate_kwargs,
     )
     return loaded.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :])
 

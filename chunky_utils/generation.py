@@ -75,7 +75,7 @@ def generate_with_scales(
     token_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts, add_generation_prompt=True))
     scale_values = [float(s) for s in scales]
     prompts_per_batch = max(1, settings.batch_size // max(1, len(scale_values)))
-    # decoding is bound by reading the weights, so rows are nearly free: no padding cap here
+    # one decode loop for many rows is cheaper than several loops; packed prefill keeps prompt padding low
     batches = length_sorted_batches([len(ids) for ids in token_ids], prompts_per_batch, max_padding=1.0)
     texts: list[list[str]] = [[""] * len(prompts) for _ in scale_values]
     vector = vector.detach().float().cpu()
