@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -58,6 +59,13 @@ def print_table(title: str, rows: Sequence[Row]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def exact_length_settings(new_tokens: int, rows: int, **options: Any) -> GenerationSettings:
+    """Greedy settings where every row decodes exactly `new_tokens`, all `rows` in one batch."""
+    return GenerationSettings(
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, temperature=0.0, batch_size=rows, **options
+    )
 
 
 @torch.inference_mode()
@@ -117,13 +125,7 @@ def generation_ratios(
     vector = torch.randn(loaded.hidden_size) * 4.0
 
     def steered(scales: list[float], packed: bool = True) -> Callable[[], object]:
-        settings = GenerationSettings(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            temperature=0.0,
-            batch_size=prompts_per_batch * len(scales),
-            packed_prefill=packed,
-        )
+        settings = exact_length_settings(max_new_tokens, prompts_per_batch * len(scales), packed_prefill=packed)
         return lambda: generate_with_scales(loaded, prompts, layer, vector, scales, settings, progress=False)
 
     @torch.inference_mode()

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_lib import Row, print_table, side_by_side  # noqa: E402
+from benchmarks.bench_lib import Row, exact_length_settings, print_table, side_by_side  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
@@ -205,14 +205,8 @@ def main() -> None:
     vector = torch.randn(loaded.hidden_size) * 2.0
 
     def ours(scales: list[float], cache: str | None = None, packed: bool = True, positions: str = "all"):
-        settings = GenerationSettings(
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            temperature=0.0,
-            batch_size=n_gen * len(scales),
-            cache_implementation=cache,
-            packed_prefill=packed,
-            positions=positions,
+        settings = exact_length_settings(
+            new_tokens, n_gen * len(scales), cache_implementation=cache, packed_prefill=packed, positions=positions
         )
         return lambda: generate_with_scales(loaded, gen_prompts, 16, vector, scales, settings, progress=False)
 

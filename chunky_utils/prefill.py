@@ -159,7 +159,8 @@ def packed_prefill(
             deltas = row_deltas[torch.tensor(chunk_rows)]
             pieces = [(range(n_layers), _run_body(loaded, inputs, add_to_layers(model, {layer: deltas})), row_source)]
         else:
-            pieces = _trunk_and_tail(loaded, inputs, row_source, row_deltas[torch.tensor(chunk_rows)], layer)
+            deltas = row_deltas[torch.tensor(chunk_rows)]
+            pieces = _trunk_and_tail(loaded, decoder_layers, inputs, row_source, deltas, layer)
         for layers, cache, source in pieces:
             kv = _plain_layers(cache, layers)
             if kv is None:
@@ -169,11 +170,15 @@ def packed_prefill(
 
 
 def _trunk_and_tail(
-    loaded: LoadedModel, inputs: dict[str, torch.Tensor], row_source: list[int], deltas: torch.Tensor, layer: int
+    loaded: LoadedModel,
+    decoder_layers: Sequence[nn.Module],
+    inputs: dict[str, torch.Tensor],
+    row_source: list[int],
+    deltas: torch.Tensor,
+    layer: int,
 ) -> list[tuple[range, Any, list[int]]]:
     """Layers 0..layer once per prompt; the rest once per row, starting from the trunk's output plus the delta."""
     model = loaded.model
-    decoder_layers = find_decoder_layers(model)
     box: dict[str, Any] = {}
     trunk = _run_body(loaded, inputs, _capture_and_stop(decoder_layers[layer], box))
     source = torch.tensor(row_source, device=inputs["input_ids"].device)
@@ -199,7 +204,11 @@ def _place(
     width: int,
 ) -> None:
     """Copy a chunk's keys and values (picked by `source`) right-aligned into rows `rows` of the batch cache."""
+    indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     for index, (keys, values) in zip(layers, kv, strict=True):
+        if keys.device not in indices:
+            indices[keys.device] = (torch.tensor(rows, device=keys.device), torch.tensor(source, device=keys.device))
+        target, picked = indices[keys.device]
         entry = merged[index]
         if entry is None:
             entry = merged[index] = (
@@ -207,8 +216,6 @@ def _place(
                 values.new_zeros(n_rows, values.shape[1], width, values.shape[3]),
             )
         chunk_width = keys.shape[2]
-        target = torch.tensor(rows, device=keys.device)
-        picked = torch.tensor(source, device=keys.device)
         for whole, part in zip(entry, (keys, values), strict=True):
             whole[target, :, width - chunk_width :] = part[picked]
 
