@@ -359,7 +359,14 @@ def load_prompt_set(
     excluded = set(exclude_prompts)
     drawn = sample_rows(rows, n_samples, seed, what=f"subset {ref.label}", exclude_prompts=excluded)
     n_excluded = sum(1 for row in rows if row.prompt in excluded)
-    sampling = {"seed": seed, "n_requested": n_samples, "n_excluded": n_excluded, "method": "seeded shuffle"}
+    method = "all rows, in file order" if n_samples == -1 else "seeded shuffle"
+    sampling = {
+        "seed": seed if n_samples != -1 else None,
+        "n_requested": n_samples,
+        "n_used": len(drawn),
+        "n_excluded": n_excluded,
+        "method": method,
+    }
     log.info("subset %s (%s): %d of %d prompts from %s", ref.label, ref.name, len(drawn), len(rows), source)
     return PromptSet(
         subset=ref.label, name=ref.name, data_source=source, rows=tuple(drawn), available=len(rows), sampling=sampling

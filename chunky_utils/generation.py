@@ -5,26 +5,27 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
-from chunky_utils.activations import length_sorted_batches
 from chunky_utils.attention import grouped_query_decoding
 from chunky_utils.errors import UsageError
 from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.prefill import cache_argument_name, packed_prefill
-from chunky_utils.steering import add_to_layers
+from chunky_utils.sampling import SAMPLER_NAME, SamplingSettings, SharedStreamProcessor, prompt_key
+from chunky_utils.steering import SteeringVector, add_to_layers
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode: temperature 0 means greedy."""
+    """How to decode: temperature 0 means greedy; top_k 0 and top_p 1.0 keep every token."""
 
     max_new_tokens: int = 100
     temperature: float = 0.7
@@ -32,6 +33,8 @@ class GenerationSettings:
     batch_size: int = 64
     positions: str = "all"
     min_new_tokens: int = 0
+    top_k: int = 0
+    top_p: float = 1.0
     cache_implementation: str | None = None  # None = transformers' dynamic cache; "static" also compiles on GPU
     packed_prefill: bool = True  # prompt KV cache built by chunky_utils.prefill, not inside generate
     prefill_batch_tokens: int = 16384  # padded tokens per prefill chunk
@@ -39,25 +42,66 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise UsageError(f"--min-tokens must be between 0 and --max-tokens, got {self.min_new_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise UsageError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.prefill_batch_tokens < 1:
             raise UsageError(f"prefill_batch_tokens must be at least 1, got {self.prefill_batch_tokens}")
 
+    @property
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(self.temperature, self.top_k, self.top_p, self.seed)
+
+    def decoding_key(self) -> dict[str, Any]:
+        """What an unsteered answer depends on besides the model and the prompt (the baseline cache's key)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k if self.temperature > 0 else 0,
+            "top_p": self.top_p if self.temperature > 0 else 1.0,
+            "seed": self.seed if self.temperature > 0 else 0,
+            "sampler": SAMPLER_NAME,
+        }
+
 
 @dataclass(frozen=True)
 class GenerationOutput:
-    """texts[scale_index][prompt_index], in the order given."""
+    """texts[scale_index][prompt_index], in the order given; None where a row was not asked for."""
 
     scales: tuple[float, ...]
-    texts: list[list[str]]
+    texts: list[list[str | None]]
     seconds: float
     new_tokens: int
 
-    def for_scale(self, scale: float) -> list[str]:
+    def for_scale(self, scale: float) -> list[str | None]:
         return self.texts[self.scales.index(scale)]
+
+
+def row_batches(prompt_lengths: Sequence[int], rows_per_prompt: Sequence[int], batch_rows: int) -> list[list[int]]:
+    """Prompt indices in batches of at most `batch_rows` rows (a prompt's rows stay together), longest first."""
+    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index in order:
+        if rows_per_prompt[index] == 0:
+            continue
+        if current and filled + rows_per_prompt[index] > batch_rows:
+            batches.append(current)
+            current, filled = [], 0
+        current.append(index)
+        filled += rows_per_prompt[index]
+    if current:
+        batches.append(current)
+    return batches
 
 
 @torch.inference_mode()
@@ -65,36 +109,93 @@ def generate_with_scales(
     loaded: LoadedModel,
     prompts: Sequence[str],
     layer: int,
-    vector: torch.Tensor,
+    vector: torch.Tensor | SteeringVector,
     scales: Sequence[float],
     settings: GenerationSettings,
     progress: bool = True,
+    skip_baseline: Collection[int] = (),
 ) -> GenerationOutput:
-    """Generate every prompt at every scale (0 = unsteered) with rows of the same prompt in one batch."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    token_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts, add_generation_prompt=True))
+    """Generate every prompt at every scale (0 = unsteered), the rows of a prompt in one batch.
+
+    Sampling uses the shared random stream (chunky_utils.sampling): a row's draws depend only on
+    (seed, prompt, step), so a prompt's baseline is the same whatever else shares its batch. Prompts in
+    `skip_baseline` get no scale-0 row (their baseline is known, e.g. from the baseline cache).
+    """
+    direction = vector.at(layer) if isinstance(vector, SteeringVector) else vector
     scale_values = [float(s) for s in scales]
-    prompts_per_batch = max(1, settings.batch_size // max(1, len(scale_values)))
-    # one decode loop for many rows is cheaper than several loops; packed prefill keeps prompt padding low
-    batches = length_sorted_batches([len(ids) for ids in token_ids], prompts_per_batch, max_padding=1.0)
-    texts: list[list[str]] = [[""] * len(prompts) for _ in scale_values]
-    vector = vector.detach().float().cpu()
-    started = time.perf_counter()
-    new_tokens = 0
-    torch.manual_seed(settings.seed)
-    pad_id = pad_token_id(tokenizer)
-    decoding: dict[str, object] = (
-        {"do_sample": True, "temperature": settings.temperature, "top_k": 0, "top_p": 1.0}
-        if settings.temperature > 0
-        else {"do_sample": False}
+    wanted = [
+        [s for s, scale in enumerate(scale_values) if not (scale == 0.0 and p in skip_baseline)]
+        for p in range(len(prompts))
+    ]
+    row_prompts = [p for p in range(len(prompts)) for _ in wanted[p]]
+    row_scales = [scale_values[s] for p in range(len(prompts)) for s in wanted[p]]
+    direction = direction.detach().float().cpu()
+    deltas = torch.stack([direction * scale for scale in row_scales]) if row_scales else direction[None, :0]
+    generated = generate_rows(loaded, prompts, row_prompts, {layer: deltas}, settings, progress)
+    texts: list[list[str | None]] = [[None] * len(prompts) for _ in scale_values]
+    row = 0
+    for p in range(len(prompts)):
+        for s in wanted[p]:
+            texts[s][p] = generated.texts[row]
+            row += 1
+    log.info(
+        "generated %d rows (%d prompts x %d scales%s) in %.1f s",
+        len(row_prompts),
+        len(prompts),
+        len(scale_values),
+        f", {len(skip_baseline)} baselines known" if skip_baseline else "",
+        generated.seconds,
     )
+    return GenerationOutput(tuple(scale_values), texts, generated.seconds, generated.new_tokens)
+
+
+@dataclass(frozen=True)
+class RowsOutput:
+    """One text per requested row, in the order given."""
+
+    texts: list[str]
+    seconds: float
+    new_tokens: int
+
+
+@torch.inference_mode()
+def generate_rows(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    row_prompts: Sequence[int],
+    layer_deltas: Mapping[int, torch.Tensor],
+    settings: GenerationSettings,
+    progress: bool = True,
+) -> RowsOutput:
+    """Generate one answer per row: row r continues `prompts[row_prompts[r]]` with `layer_deltas[layer][r]`
+    added to that layer's output (a zero row is unsteered). Rows of a prompt share a batch and a random stream."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    started = time.perf_counter()
+    texts = [""] * len(row_prompts)
+    if not row_prompts:
+        return RowsOutput(texts, 0.0, 0)
+    token_ids = tokenize_prompts(tokenizer, format_prompts(tokenizer, prompts, add_generation_prompt=True))
+    keys = [prompt_key(prompt) for prompt in prompts]
+    rows_of: dict[int, list[int]] = {}
+    for row, prompt in enumerate(row_prompts):
+        rows_of.setdefault(prompt, []).append(row)
+    rows_per_prompt = [len(rows_of.get(p, ())) for p in range(len(prompts))]
+    batches = row_batches([len(ids) for ids in token_ids], rows_per_prompt, settings.batch_size)
+    layer_deltas = {layer: deltas.detach().float().cpu() for layer, deltas in layer_deltas.items()}
+    new_tokens = 0
+    pad_id = pad_token_id(tokenizer)
     with grouped_query_decoding(model):
         for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
-            rows = [(prompt_index, scale_index) for prompt_index in batch for scale_index in range(len(scale_values))]
-            inputs = left_pad([token_ids[p] for p, _ in rows], pad_id, loaded.device)
-            deltas = torch.stack([vector * scale_values[s] for _, s in rows])
-            prompt_cache = _prompt_cache(loaded, token_ids, rows, deltas, layer, settings)
-            with add_to_layers(model, {layer: deltas}, settings.positions):
+            rows = [row for prompt in batch for row in rows_of[prompt]]
+            batch_prompts = [row_prompts[row] for row in rows]
+            inputs = left_pad([token_ids[p] for p in batch_prompts], pad_id, loaded.device)
+            picked = torch.tensor(rows)
+            deltas = {layer: all_rows[picked] for layer, all_rows in layer_deltas.items()}
+            prompt_cache = _prompt_cache(loaded, token_ids, batch_prompts, deltas, settings)
+            sampler = SharedStreamProcessor(
+                settings.sampling, [keys[p] for p in batch_prompts], inputs["input_ids"].shape[1]
+            )
+            with add_to_layers(model, deltas, settings.positions):
                 output = model.generate(
                     input_ids=inputs["input_ids"],
                     attention_mask=inputs["attention_mask"],
@@ -103,34 +204,32 @@ def generate_with_scales(
                     min_new_tokens=settings.min_new_tokens or None,
                     cache_implementation=settings.cache_implementation,
                     pad_token_id=pad_id,
-                    **decoding,
+                    do_sample=False,  # the shared-stream processor turns greedy choice into sampling
+                    logits_processor=LogitsProcessorList([sampler]),
                 )
             generated = output[:, inputs["input_ids"].shape[1] :]
             new_tokens += int((generated != pad_id).sum())
-            for row, (prompt_index, scale_index) in enumerate(rows):
-                texts[scale_index][prompt_index] = tokenizer.decode(generated[row], skip_special_tokens=True).strip()
-    seconds = time.perf_counter() - started
-    log.info("generated %d prompts x %d scales in %.1f s", len(prompts), len(scale_values), seconds)
-    return GenerationOutput(tuple(scale_values), texts, seconds, new_tokens)
+            for position, row in enumerate(rows):
+                texts[row] = tokenizer.decode(generated[position], skip_special_tokens=True).strip()
+    return RowsOutput(texts, time.perf_counter() - started, new_tokens)
 
 
 def _prompt_cache(
     loaded: LoadedModel,
     token_ids: Sequence[Sequence[int]],
-    rows: Sequence[tuple[int, int]],
-    deltas: torch.Tensor,
-    layer: int,
+    row_prompts: Sequence[int],
+    deltas: Mapping[int, torch.Tensor],
     settings: GenerationSettings,
 ) -> dict[str, Any]:
     """`generate` keyword arguments carrying a packed prompt cache, or none (prefill inside `generate`)."""
-    if not settings.packed_prefill or settings.cache_implementation is not None:
+    if not settings.packed_prefill or settings.cache_implementation is not None or len(deltas) != 1:
         return {}
     if len({parameter.device for parameter in loaded.model.parameters()}) > 1:
         # split over devices, packed prefill gave slightly different numbers than the same model on one GPU
         # (greedy texts 13 of 16 equal, benchmarks/README.md), so it stays with generate's own prefill
         return {}
-    prompt_deltas = None if settings.positions == "generated" else deltas
-    row_prompts = [prompt for prompt, _ in rows]
+    ((layer, layer_rows),) = deltas.items()
+    prompt_deltas = None if settings.positions == "generated" else layer_rows
     cache = packed_prefill(loaded, token_ids, row_prompts, prompt_deltas, layer, settings.prefill_batch_tokens)
     if cache is None:
         log.debug("model cache is not plain full attention: prefilling inside generate")
