@@ -24,7 +24,26 @@ CAPTURE_MODES: tuple[str, ...] = ("all", "needed")
 
 # Fields that do not change what a run writes: left out of the settings hash.
 NON_RESULT_FIELDS = frozenset(
-    {"output_dir", "cache_dir", "overwrite", "batch_size", "device", "tensor_parallel_size", "capture", "progress"}
+    {
+        "output_dir",
+        "cache_dir",
+        "overwrite",
+        "batch_size",
+        "device",
+        "tensor_parallel_size",
+        "capture",
+        "progress",
+        "reuse_baselines",
+    }
+)
+# Decoding settings that, when not at their default, name themselves in a result's file name.
+DECODING_FIELDS: tuple[tuple[str, str], ...] = (
+    ("temperature", "temp"),
+    ("max_tokens", "max"),
+    ("min_tokens", "min"),
+    ("top_k", "topk"),
+    ("top_p", "topp"),
+    ("seed", "seed"),
 )
 
 
@@ -44,6 +63,9 @@ class RunConfig:
     max_tokens: int = 100
     temperature: float = 0.7
     seed: int = 0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    min_tokens: int = 0  # answers at least this long (EOS suppressed until then)
     data_source: str = "auto"
     read_position: str = "generation_prompt"
     steer_positions: str = "all"
@@ -58,6 +80,7 @@ class RunConfig:
     overwrite: bool = False
     progress: bool = True
     metrics: bool = True  # score every generation with the unsteered model (chunky_utils.metrics)
+    reuse_baselines: bool = True  # unsteered answers from the baseline cache (chunky_utils.baselines)
 
     def validated(self) -> RunConfig:
         """Check every field that can be checked without the model; return self or raise UsageError."""
@@ -84,11 +107,25 @@ class RunConfig:
         """Decoding settings (validated on construction)."""
         return GenerationSettings(
             max_new_tokens=self.max_tokens,
+            min_new_tokens=self.min_tokens,
             temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
             seed=self.seed,
             batch_size=self.batch_size,
             positions=self.steer_positions,
         )
+
+    @property
+    def decoding_suffix(self) -> str:
+        """'' at the default decoding settings (the seed's file names), else e.g. '_temp0.0_max32'."""
+        defaults = {f.name: f.default for f in fields(self)}
+        parts = [
+            f"_{short}{getattr(self, name)!r}"
+            for name, short in DECODING_FIELDS
+            if getattr(self, name) != defaults[name]
+        ]
+        return "".join(parts)
 
     @property
     def cache_path(self) -> Path:

@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from chunky_utils.collapse import CELL_COLLAPSE_SHARE, metrics_collapse_reason, row_collapse
 from chunky_utils.metrics import METRIC_NAMES
-
-PPL_FACTOR = 3.0
-"""A cell collapses when its median steered perplexity exceeds this many times the median baseline perplexity."""
-DISTINCT_FLOOR = 0.5
-"""... or when its mean steered distinct_2 (empty answers count 0) falls below this floor."""
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "layer",
@@ -39,11 +35,12 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "relevance_delta",
     "overall",
     "empty_share",
+    "collapsed_share",
     "collapsed",
     "best",
 )
 
-_TEXT_COLUMNS = ("prompt_idx", "prompt_id", "prompt", "baseline", "steered")
+_TEXT_COLUMNS = ("prompt_idx", "prompt_id", "prompt", "baseline", "steered", "baseline_collapse", "steered_collapse")
 
 
 # ---------------------------------------------------------------- frame
@@ -101,6 +98,7 @@ def metrics_frame(sources: Any) -> pd.DataFrame:
         }
         for row in payload.get("results", []):
             record = {**base, **{key: row.get(key) for key in _TEXT_COLUMNS}}
+            record |= {f"{side}_collapse": row_collapse(row, side) for side in ("baseline", "steered")}
             metrics = row.get("metrics") or {}
             for side in ("baseline", "steered"):
                 values = metrics.get(side) or {}
@@ -137,19 +135,20 @@ def _one_experiment(frame: pd.DataFrame, experiment: str | None) -> pd.DataFrame
 def layer_scale_summary(
     frame: pd.DataFrame,
     experiment: str | None = None,
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
     best_by: str = "concept_delta",
 ) -> pd.DataFrame:
     """One row per (layer, scale) with the columns of SUMMARY_COLUMNS.
 
     Concept and relevance columns are means, perplexities medians (robust to one broken answer).
-    `collapsed`: perplexity_ratio > ppl_factor, distinct_2 < distinct_floor, or every answer empty.
+    `collapsed_share`: share of steered answers that collapsed (chunky_utils.collapse, one definition);
+    `collapsed`: that share reaches CELL_COLLAPSE_SHARE, or every answer is empty.
     `best`: the non-collapsed, non-zero scale of its layer with the highest positive `best_by` (none if no
     scale of the layer moved it above 0).
     """
     frame = _one_experiment(frame, experiment)
     rows = []
+    if "steered_collapse" not in frame:  # a frame built by hand: judge each row from its metric columns
+        frame = frame.assign(steered_collapse=[_collapse_from_columns(row) for _, row in frame.iterrows()])
     for (layer, scale), cell in frame.groupby(["layer", "scale"], sort=True):
         steered_distinct = cell["steered_distinct_2"].fillna(0.0)
         baseline_ppl = float(cell["baseline_perplexity"].median())
@@ -171,17 +170,13 @@ def layer_scale_summary(
                 "relevance_delta": cell["delta_relevance"].mean(),
                 "overall": cell["steered_overall"].mean(),
                 "empty_share": float((cell["steered_n_tokens"].fillna(0) == 0).mean()),
+                "collapsed_share": float(cell["steered_collapse"].notna().mean()),
             }
         )
     summary = pd.DataFrame.from_records(rows, columns=[c for c in SUMMARY_COLUMNS if c not in ("collapsed", "best")])
     if summary.empty:
         return summary.assign(collapsed=pd.Series(dtype=bool), best=pd.Series(dtype=bool))
-    summary["collapsed"] = (
-        (summary["perplexity_ratio"] > ppl_factor)
-        | (summary["distinct_2"] < distinct_floor)
-        | summary["perplexity"].isna()
-        | (summary["empty_share"] >= 1.0)
-    )
+    summary["collapsed"] = (summary["collapsed_share"] >= CELL_COLLAPSE_SHARE) | (summary["empty_share"] >= 1.0)
     summary["best"] = False
     if best_by not in summary:
         raise ValueError(f"best_by must be a summary column, got {best_by!r}")
@@ -196,11 +191,9 @@ def best_scale_per_layer(
     frame: pd.DataFrame,
     experiment: str | None = None,
     by: str = "concept_delta",
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
 ) -> pd.DataFrame:
     """Per layer: the non-collapsed scale with the highest positive `by`, with its summary row (NaN if none)."""
-    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by=by)
+    summary = layer_scale_summary(frame, experiment, best_by=by)
     best = summary[summary["best"]].set_index("layer")
     layers = sorted(summary["layer"].unique())
     out = best.reindex(layers).rename(columns={"scale": "best_scale"})
@@ -211,11 +204,9 @@ def best_scale_per_layer(
 def collapse_scale_per_layer(
     frame: pd.DataFrame,
     experiment: str | None = None,
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
 ) -> pd.DataFrame:
     """Per layer: the smallest positive and the largest negative scale whose cell collapsed (NaN if none)."""
-    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor)
+    summary = layer_scale_summary(frame, experiment)
     rows = []
     for layer, group in summary.groupby("layer", sort=True):
         collapsed = group[group["collapsed"]]
@@ -232,6 +223,11 @@ def collapse_scale_per_layer(
     return pd.DataFrame.from_records(
         rows, columns=["layer", "collapse_scale", "collapse_scale_negative", "collapsed_scales"]
     )
+
+
+def _collapse_from_columns(row: pd.Series) -> str | None:
+    values = {name: row.get(f"steered_{name}") for name in ("perplexity", "distinct_2", "n_tokens")}
+    return metrics_collapse_reason({k: None if v is None or pd.isna(v) else float(v) for k, v in values.items()})
 
 
 # ---------------------------------------------------------------- from a cell to its texts
@@ -254,11 +250,9 @@ def cell_rows(
 def cell_options(
     frame: pd.DataFrame,
     experiment: str | None = None,
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
 ) -> list[tuple[str, tuple[int, float]]]:
     """(label, (layer, scale)) pairs for a dropdown, e.g. ipywidgets.Dropdown(options=cell_options(frame))."""
-    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor)
+    summary = layer_scale_summary(frame, experiment)
     options = []
     for row in summary.itertuples(index=False):
         flags = (" best" if row.best else "") + (" COLLAPSED" if row.collapsed else "")
@@ -335,14 +329,12 @@ def layer_scale_heatmap(
     frame: pd.DataFrame,
     metric: str = "concept_delta",
     experiment: str | None = None,
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
     best_by: str = "concept_delta",
 ) -> Any:
     """A layer x scale heatmap (plotly Figure) of one summary column, e.g. concept_delta or perplexity."""
     import plotly.graph_objects as go
 
-    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by)
+    summary = layer_scale_summary(frame, experiment, best_by)
     figure = go.Figure(heatmap_trace(summary, metric))
     figure.update_layout(
         title=f"{metric} by layer and scale (★ best scale by {best_by}, ✕ fluency collapsed)",
@@ -356,14 +348,12 @@ def metric_heatmaps(
     frame: pd.DataFrame,
     metrics: tuple[str, ...] = ("concept_delta", "perplexity"),
     experiment: str | None = None,
-    ppl_factor: float = PPL_FACTOR,
-    distinct_floor: float = DISTINCT_FLOOR,
     best_by: str = "concept_delta",
 ) -> Any:
     """Side-by-side layer x scale heatmaps (default: concept delta and steered perplexity) in one Figure."""
     from plotly.subplots import make_subplots
 
-    summary = layer_scale_summary(frame, experiment, ppl_factor, distinct_floor, best_by)
+    summary = layer_scale_summary(frame, experiment, best_by)
     figure = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics), horizontal_spacing=0.2)
     for column, metric in enumerate(metrics, start=1):
         trace = heatmap_trace(summary, metric)
@@ -374,7 +364,7 @@ def metric_heatmaps(
         figure.update_xaxes(title_text="scale", type="category", row=1, col=column)
         figure.update_yaxes(title_text="layer", type="category", row=1, col=column)
     figure.update_layout(
-        title=f"★ best scale by {best_by}; ✕ collapsed (ppl > {ppl_factor:g}x baseline or "
-        f"distinct-2 < {distinct_floor:g})"
+        title=f"★ best scale by {best_by}; ✕ collapsed (at least {CELL_COLLAPSE_SHARE:.0%} of steered answers "
+        "loop, repeat or read as nonsense: chunky_utils.collapse)"
     )
     return figure

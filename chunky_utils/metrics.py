@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from chunky_utils.activations import cache_key_for, output_hidden
 from chunky_utils.cache import ActivationCache
+from chunky_utils.collapse import DISTINCT_2_FLOOR, distinct_n
 from chunky_utils.models import (
     LoadedModel,
     check_layer,
@@ -61,8 +62,6 @@ METRIC_NAMES: tuple[str, ...] = (
 
 PPL_CEILING = 200.0
 """Perplexity at which the fluency part of `overall` reaches 0 (it is 1 at perplexity 1)."""
-DISTINCT_FLOOR = 0.3
-"""distinct_2 at or below which the text counts as degenerate repetition in `overall`."""
 RELEVANCE_FULL = 1.0
 """Relevance (nats per token) at which the relevance part of `overall` saturates at 1."""
 RELEVANCE_TOKENS = 16
@@ -70,7 +69,7 @@ RELEVANCE_TOKENS = 16
 lean on the text itself): the 'without prompt' pass then costs at most this many tokens per text."""
 OVERALL_FORMULA = (
     f"harmonic mean of c=clip(concept_score,0,1), f=min(clip(1-ln(ppl)/ln({PPL_CEILING:g}),0,1), "
-    f"clip((distinct_2-{DISTINCT_FLOOR:g})/{1 - DISTINCT_FLOOR:g},0,1)), r=clip(relevance/{RELEVANCE_FULL:g},0,1); "
+    f"clip((distinct_2-{DISTINCT_2_FLOOR:g})/{1 - DISTINCT_2_FLOOR:g},0,1)), r=clip(relevance/{RELEVANCE_FULL:g},0,1); "
     "0 when any part is 0 or undefined"
 )
 
@@ -78,25 +77,12 @@ OVERALL_FORMULA = (
 # ---------------------------------------------------------------- per-text pure metrics
 
 
-def distinct_n(units: Sequence[Any], n: int = 2) -> float:
-    """Distinct n-grams / all n-grams of a unit sequence (tokens or words).
-
-    No n-gram (shorter than n) scores 1.0 when there is at least one unit (nothing can repeat), 0.0 when empty.
-    """
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
-    grams = [tuple(units[i : i + n]) for i in range(len(units) - n + 1)]
-    if not grams:
-        return 1.0 if len(units) > 0 else 0.0
-    return len(set(grams)) / len(grams)
-
-
 def fluency_part(perplexity: float | None, distinct_2: float | None) -> float:
     """The fluency part of `overall` in [0, 1]: the worse of the perplexity part and the repetition part."""
     if perplexity is None or distinct_2 is None or not math.isfinite(perplexity) or perplexity <= 0:
         return 0.0
     ppl_part = 1.0 - math.log(max(perplexity, 1.0)) / math.log(PPL_CEILING)
-    repetition_part = (distinct_2 - DISTINCT_FLOOR) / (1.0 - DISTINCT_FLOOR)
+    repetition_part = (distinct_2 - DISTINCT_2_FLOOR) / (1.0 - DISTINCT_2_FLOOR)
     return _clip01(min(ppl_part, repetition_part))
 
 
@@ -111,7 +97,7 @@ def overall_score(
     overall = 3 / (1/c + 1/f + 1/r) with
       c = clip(concept_score, 0, 1)                       (moved toward the target),
       f = min(clip(1 - ln(perplexity) / ln(PPL_CEILING), 0, 1),
-              clip((distinct_2 - DISTINCT_FLOOR) / (1 - DISTINCT_FLOOR), 0, 1))   (still fluent, not looping),
+              clip((distinct_2 - DISTINCT_2_FLOOR) / (1 - DISTINCT_2_FLOOR), 0, 1))   (still fluent, not looping),
       r = clip(relevance / RELEVANCE_FULL, 0, 1)          (still answers its prompt);
     overall = 0 when any of c, f, r is 0 or undefined (None, e.g. an empty answer). The concept axis is
     calibrated on prompt reads, so an unsteered answer need not read 0: compare steered with baseline.
@@ -331,10 +317,10 @@ def _read_chunk(
     rows: Sequence[_ScoredRow],
     pad_id: int,
     device: torch.device,
-    captured: dict[str, torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of each read text token [rows, width] (0 past a row's end), and each row's mean steering-layer
-    activation over its text [rows, hidden] when the layer is hooked.
+    captured: dict[int, torch.Tensor],
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Log-prob of each read text token [rows, width] (0 past a row's end), and each row's mean activation over
+    its text [rows, hidden] at every hooked layer.
 
     Each distinct context runs once; its key/value cache is then repeated for every text read after it.
     """
@@ -369,11 +355,11 @@ def _read_chunk(
     )
     mask = text_mask.float()
     token_logprobs = (token_logprobs * mask).cpu()
-    hidden = captured.get("hidden")
-    if hidden is None:
-        return token_logprobs, None
-    mean_hidden = (hidden.float() * mask[:, :, None]).sum(1) / lengths[:, None]
-    return token_logprobs, mean_hidden.cpu()
+    means = {
+        layer: ((hidden.float() * mask[:, :, None]).sum(1) / lengths[:, None]).cpu()
+        for layer, hidden in captured.items()
+    }
+    return token_logprobs, means
 
 
 @torch.inference_mode()
@@ -395,16 +381,45 @@ def score_texts(
     Perplexity and concept read the whole text; relevance its first `relevance_tokens` tokens (None: all).
     Identical pairs are read once; each prompt (and the empty-prompt context) is encoded once per batch.
     """
+    scores, _ = score_texts_and_means(
+        loaded, prompts, texts, axis, probe, (), batch_size, max_batch_tokens, relevance_tokens, progress
+    )
+    return scores
+
+
+def score_texts_and_means(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    texts: Sequence[str],
+    axis: ConceptAxis | None = None,
+    probe: LinearProbe | None = None,
+    keep_layers: Sequence[int] = (),
+    batch_size: int = 32,
+    max_batch_tokens: int = 2048,
+    relevance_tokens: int | None = RELEVANCE_TOKENS,
+    progress: bool = True,
+) -> tuple[list[dict[str, float | int | None]], torch.Tensor | None]:
+    """`score_texts`, plus each text's mean activation over its tokens at `keep_layers`
+    ([texts, len(keep_layers), hidden], NaN for an empty text; None when no layer is kept).
+
+    Refuses to run while a steering hook is on the model. `concept_score` needs `axis`, `concept_probe` needs
+    `probe` (both read the steering layer's output, averaged over the text tokens); otherwise they are None.
+    Perplexity and concept read the whole text; relevance its first `relevance_tokens` tokens (None: all).
+    Identical pairs are read once; each prompt (and the empty-prompt context) is encoded once per batch.
+    """
     if len(prompts) != len(texts):
         raise ValueError(f"{len(prompts)} prompts but {len(texts)} texts")
+    if not prompts:
+        return [], (torch.empty(0, len(keep_layers), loaded.hidden_size) if keep_layers else None)
     model, tokenizer = loaded.model, loaded.tokenizer
     if active_hook_count(model):
         raise RuntimeError("a steering hook is still on the model: metrics must be read by the unsteered model")
     layer = axis.layer if axis is not None else (probe.layer if probe is not None else None)
     if axis is not None and probe is not None and axis.layer != probe.layer:
         raise ValueError(f"axis reads layer {axis.layer} but the probe layer {probe.layer}")
-    if layer is not None:
-        check_layer(model, layer)
+    read_layers = sorted(set(keep_layers) | ({layer} if layer is not None else set()))
+    for read_layer in read_layers:
+        check_layer(model, read_layer)
 
     unique_prompts = list(dict.fromkeys(prompts))
     unique_texts = list(dict.fromkeys(texts))
@@ -427,15 +442,17 @@ def score_texts(
     with_prompt = torch.full((len(pairs),), float("nan"))
     with_prompt_window = torch.full((len(pairs),), float("nan"))
     without_prompt_window = torch.full((len(read_texts),), float("nan"))
-    activations = torch.zeros(len(pairs), loaded.hidden_size) if layer is not None else None
-    captured: dict[str, torch.Tensor] = {}
-    handle = None
-    if layer is not None:
+    means = {read_layer: torch.zeros(len(pairs), loaded.hidden_size) for read_layer in read_layers}
+    captured: dict[int, torch.Tensor] = {}
 
+    def capture_at(read_layer: int) -> Any:
         def capture(_module: nn.Module, _args: Any, output: Any) -> None:
-            captured["hidden"] = output_hidden(output)
+            captured[read_layer] = output_hidden(output)
 
-        handle = find_decoder_layers(model)[layer].register_forward_hook(capture)
+        return capture
+
+    decoder_layers = find_decoder_layers(model)
+    handles = [decoder_layers[index].register_forward_hook(capture_at(index)) for index in read_layers]
     chunks = _row_chunks(rows, batch_size, max_batch_tokens)
     pad_id = pad_token_id(tokenizer)
     try:
@@ -448,14 +465,15 @@ def score_texts(
                 if row.with_prompt:
                     with_prompt[row.slot] = logprobs[position].sum() / row.n_read
                     with_prompt_window[row.slot] = window_mean
-                    if activations is not None and hidden is not None:
-                        activations[row.slot] = hidden[position]
+                    for read_layer, layer_hidden in hidden.items():
+                        means[read_layer][row.slot] = layer_hidden[position]
                 else:
                     without_prompt_window[row.slot] = window_mean
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
+    activations = means.get(layer) if layer is not None else None
     concept = axis.score(activations) if axis is not None and activations is not None else None
     probe_scores = probe.predict_proba(activations) if probe is not None and activations is not None else None
     read_slot = {t: i for i, t in enumerate(read_texts)}
@@ -481,7 +499,16 @@ def score_texts(
         len(chunks),
     )
     empty = dict.fromkeys(METRIC_NAMES, None) | {"distinct_2": 0.0, "overall": 0.0, "n_tokens": 0}
-    return [dict(by_pair.get((prompt_slot[p], text_slot[t]), empty)) for p, t in zip(prompts, texts, strict=True)]
+    order = [(prompt_slot[p], text_slot[t]) for p, t in zip(prompts, texts, strict=True)]
+    scores = [dict(by_pair.get(pair, empty)) for pair in order]
+    if not keep_layers:
+        return scores, None
+    pair_slot = {pair: i for i, pair in enumerate(pairs)}
+    kept = torch.full((len(order), len(keep_layers), loaded.hidden_size), float("nan"))
+    for i, pair in enumerate(order):
+        if pair in pair_slot:
+            kept[i] = torch.stack([means[read_layer][pair_slot[pair]] for read_layer in keep_layers])
+    return scores, kept
 
 
 def _finite(value: torch.Tensor | float) -> float | None:
@@ -500,7 +527,7 @@ def score_generations(
 ) -> dict[float, list[dict[str, float | int | None]]]:
     """Metrics of every scale's texts ({scale: [per prompt]}), all scales scored in the same batches."""
     flat_prompts = [prompt for _ in generated.scales for prompt in prompts]
-    flat_texts = [text for texts in generated.texts for text in texts]
+    flat_texts = [text or "" for texts in generated.texts for text in texts]
     flat = score_texts(loaded, flat_prompts, flat_texts, axis, probe, batch_size=batch_size, progress=progress)
     n = len(prompts)
     return {scale: flat[i * n : (i + 1) * n] for i, scale in enumerate(generated.scales)}
@@ -590,15 +617,10 @@ def _delta(steered: float | None, baseline: float | None) -> float | None:
     return None if steered is None or baseline is None else round(steered - baseline, 6)
 
 
-def score_run(
-    config: RunConfig,
-    loaded: LoadedModel,
-    prompts: PreparedPrompts,
-    vector: SteeringVector,
-    generated: GenerationOutput,
-) -> RunMetrics:
-    """Build the concept axis and probe from the cache, then score every scale's texts in one batched pass."""
-    started = time.perf_counter()
+def concept_readers(
+    config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts, vector: SteeringVector
+) -> tuple[ConceptAxis | None, LinearProbe | None, float]:
+    """The concept axis and probe at `config.layer`, from the activation cache; also the probe's fit seconds."""
     axis: ConceptAxis | None = None
     probe: LinearProbe | None = None
     probe_seconds = 0.0
@@ -624,25 +646,42 @@ def score_run(
         axis.direction * vector.norm(config.layer), vector.at(config.layer).float().cpu(), atol=1e-4, rtol=1e-3
     ):
         log.warning("cached activations do not match the steering vector at layer %d", config.layer)
+    return axis, probe, probe_seconds
+
+
+def score_run(
+    config: RunConfig,
+    loaded: LoadedModel,
+    prompts: PreparedPrompts,
+    vector: SteeringVector,
+    generated: GenerationOutput,
+) -> RunMetrics:
+    """Every scale's texts of one generation scored in one batched pass (no baseline cache: see pipeline.Runner)."""
+    started = time.perf_counter()
+    axis, probe, probe_seconds = concept_readers(config, loaded, prompts, vector)
     per_scale = score_generations(
-        loaded,
-        prompts.inference.prompts,
-        generated,
-        axis,
-        probe,
-        batch_size=config.batch_size,
-        progress=config.progress,
+        loaded, prompts.inference.prompts, generated, axis, probe, config.batch_size, config.progress
     )
-    seconds = time.perf_counter() - started
-    n_texts = sum(len(texts) for texts in generated.texts)
-    log.info(
-        "scored %d generations (%d scales) with the unsteered model in %.1f s (generation took %.1f s)",
-        n_texts,
-        len(generated.scales),
-        seconds,
-        generated.seconds,
+    return RunMetrics(per_scale, axis, probe, time.perf_counter() - started, probe_seconds)
+
+
+@torch.no_grad()
+def complete_metrics(
+    vector_free: Mapping[str, Any],
+    layer_mean: torch.Tensor | None,
+    axis: ConceptAxis | None,
+    probe: LinearProbe | None,
+) -> dict[str, float | int | None]:
+    """A text's full metrics from its vector-free metrics and its mean activation at the steering layer."""
+    usable = layer_mean is not None and bool(torch.isfinite(layer_mean).all())
+    concept = _finite(axis.score(layer_mean)) if axis is not None and usable else None
+    metrics = dict.fromkeys(METRIC_NAMES, None) | dict(vector_free)
+    metrics["concept_score"] = concept
+    metrics["concept_probe"] = _finite(probe.predict_proba(layer_mean)) if probe is not None and usable else None
+    metrics["overall"] = round(
+        overall_score(concept, metrics["perplexity"], metrics["distinct_2"], metrics["relevance"]), 6
     )
-    return RunMetrics(per_scale, axis, probe, seconds, probe_seconds)
+    return metrics
 
 
 def _axis_or_none(layer: int, target_mean: torch.Tensor, baseline_mean: torch.Tensor) -> ConceptAxis | None:

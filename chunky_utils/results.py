@@ -28,14 +28,16 @@ def results_path(
     scale: float,
     inference_dataset: str | None,
     inference_n_samples: int,
+    suffix: str = "",
 ) -> Path:
-    """`{output_dir}/{target}_{baseline}/layer_{layer}_scale_{scale}/(out_{ds}_{n}.json | results.json)`."""
+    """`{output_dir}/{target}_{baseline}/layer_{layer}_scale_{scale}/(out_{ds}_{n}.json | results.json)`;
+    `suffix` (non-default decoding settings, e.g. '_temp0.0') goes before '.json'."""
     target = parse_subset(target_subset).label
     baseline = parse_subset(baseline_subset).label
     folder = Path(output_dir) / f"{target}_{baseline}" / f"layer_{layer}_scale_{format_scale(scale)}"
     if inference_dataset is None:
-        return folder / "results.json"
-    return folder / f"out_{parse_subset(inference_dataset).label}_{inference_n_samples}.json"
+        return folder / f"results{suffix}.json"
+    return folder / f"out_{parse_subset(inference_dataset).label}_{inference_n_samples}{suffix}.json"
 
 
 def read_results(path: Path | str) -> dict[str, Any]:
@@ -79,5 +81,6 @@ def iter_results_files(root: Path | str) -> Iterator[Path]:
     """Every seed-format results JSON under a folder."""
     root = Path(root)
     for path in sorted(root.rglob("*.json")):
-        if path.name == "results.json" or (path.name.startswith("out_") and path.parent.name.startswith("layer_")):
+        seed_named = path.name == "results.json" or path.name.startswith(("out_", "results_"))
+        if seed_named and path.parent.name.startswith("layer_"):
             yield path
