@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     inference.add_argument("--max-tokens", type=int, default=100, help="new tokens per answer")
     inference.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     inference.add_argument("--seed", type=int, default=0, help="seed for prompt draws and sampling")
+    inference.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    inference.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+    inference.add_argument("--min-tokens", type=int, default=0, help="answers at least this many tokens long")
+    inference.add_argument(
+        "--no-baseline-cache",
+        action="store_true",
+        help="generate unsteered answers again instead of reusing cached ones (chunky_utils.baselines)",
+    )
     inference.add_argument(
         "--steer-positions",
         choices=STEER_POSITIONS,
@@ -129,6 +137,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         include_vector_prompts=args.include_vector_prompts,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_tokens=args.min_tokens,
+        reuse_baselines=not args.no_baseline_cache,
         seed=args.seed,
         data_source=args.data_source,
         read_position=args.read_position,
@@ -180,8 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if isinstance(outcome, int):
         return outcome
-    for path in outcome.written.values():
+    for scale, path in outcome.written.items():
         print(path)
+        collapsed = outcome.payloads[scale]["metadata"].get("collapsed")
+        if collapsed is not None:
+            n = len(outcome.payloads[scale]["results"])
+            print(
+                f"  collapsed answers (chunky_utils.collapse): steered {collapsed['steered']}/{n}, "
+                f"baseline {collapsed['baseline']}/{n}"
+            )
     for path in outcome.skipped.values():
         print(f"{path} (already finished)")
     return 0

@@ -101,16 +101,16 @@ def load_run_model(config: RunConfig) -> LoadedModel:
 
 
 def steering_vector_for(
-    config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts
+    config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts, layers: Sequence[int] | None = None
 ) -> tuple[SteeringVector, dict[str, bool]]:
-    """The contrastive vector at `config.layer`, through the cache; also which side hit the cache."""
+    """The contrastive vector at `layers` (default `config.layer`), through the cache; also which side hit it."""
     check_layer(loaded.model, config.layer)
     sides = {}
     for side, prompt_set in (("target", prompts.target), ("baseline", prompts.baseline)):
         sides[side] = subset_means(
             loaded,
             prompt_set,
-            [config.layer],
+            list(layers) if layers is not None else [config.layer],
             config.cache_path,
             read_position=config.read_position,
             capture=config.capture,
@@ -225,7 +225,9 @@ class Runner:
         return self._prompts[key]
 
     def vector(self, config: RunConfig, prompts: PreparedPrompts) -> tuple[SteeringVector, dict[str, bool]]:
-        """The contrastive vector at `config.layer`: from memory, else through the activation cache."""
+        """The contrastive vector: from memory, else through the activation cache. With `capture='all'` it holds
+        every layer (one extraction pass reads them all), so another layer is a memory hit."""
+        every_layer = config.capture == "all"
         key = (
             prompts.target.subset,
             prompts.target.content_hash,
@@ -234,12 +236,13 @@ class Runner:
             prompts.target.data_source,
             config.read_position,
             str(config.cache_path),
-            config.layer,
+            None if every_layer else config.layer,
         )
         if key in self._vectors:
             self.last_vector_source = "memory"
             return self._vectors[key]
-        found = steering_vector_for(config, self.model(config), prompts)
+        loaded = self.model(config)
+        found = steering_vector_for(config, loaded, prompts, range(loaded.n_layers) if every_layer else None)
         self.last_vector_source = "cache" if all(found[1].values()) else "extracted"
         self._vectors[key] = found
         return found

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from chunky_utils.collapse import row_collapse
 from chunky_utils.data import TULU_SET_LABELS
 from chunky_utils.errors import UsageError
 from chunky_utils.results import iter_results_files, read_results
@@ -193,6 +194,16 @@ def vector_caption(metadata: Mapping[str, Any]) -> str:
     return " | ".join(part for part in (", ".join(parts), magnitude) if part)
 
 
+COLLAPSE_STYLE = "background:#b00020;color:white;border-radius:3px;padding:0 4px;font-size:11px;margin-right:4px"
+
+
+def collapse_badge_html(reason: str | None) -> str:
+    """A small red 'collapsed' badge whose tooltip gives the reason; '' when the answer is fine."""
+    if reason is None:
+        return ""
+    return f'<span class="chunky-collapsed" title="{html.escape(reason)}" style="{COLLAPSE_STYLE}">collapsed</span>'
+
+
 def side_by_side_html(
     rows: Sequence[Mapping[str, Any]],
     metadata: Mapping[str, Any] | None = None,
@@ -211,9 +222,16 @@ def side_by_side_html(
     )
     body = []
     n_changed = 0
+    n_collapsed = dict.fromkeys((left, right), 0)
     for index, row in enumerate(rows):
         left_text, right_text = str(row.get(left) or ""), str(row.get(right) or "")
         left_html, right_html = word_diff_html(left_text, right_text)
+        badges = {}
+        for side in (left, right):
+            reason = row_collapse(row, side) if side in SIDES else row.get(f"{side}_collapse")
+            n_collapsed[side] += reason is not None
+            badges[side] = collapse_badge_html(reason)
+        left_html, right_html = badges[left] + left_html, badges[right] + right_html
         changed = left_text != right_text
         n_changed += changed
         body.append(
@@ -224,6 +242,8 @@ def side_by_side_html(
             f'<td class="{html.escape(right)} right" style="{CELL_STYLE}">{right_html}</td></tr>'
         )
     summary = f"{n_changed} of {len(rows)} answers differ"
+    if any(n_collapsed.values()):
+        summary += "; collapsed: " + ", ".join(f"{side} {count}" for side, count in n_collapsed.items())
     return (
         '<div class="chunky-side-by-side">'
         f'<div class="chunky-caption" style="margin:4px 0;font-weight:600">{html.escape(caption)}</div>'

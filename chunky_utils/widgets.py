@@ -13,15 +13,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from chunky_utils.activations import subset_means
 from chunky_utils.config import RunConfig
-from chunky_utils.data import TULU_SET_MAP
+from chunky_utils.data import TULU_SET_MAP, safe_label
 from chunky_utils.errors import UsageError
-from chunky_utils.generation import generate_with_scales
 from chunky_utils.models import LoadedModel, check_layer
-from chunky_utils.pipeline import PreparedPrompts, build_metadata, prepare_prompts, run_experiment
-from chunky_utils.steering import SteeringVector, contrastive_vector
-from chunky_utils.tables import SIDES, comparison_rows, outcome_payload, side_by_side_html, subset_title
+from chunky_utils.pipeline import ExistingResultError, PreparedPrompts, Runner, RunRecord, result_path_for
+from chunky_utils.steering import SteeringVector
+from chunky_utils.tables import SIDES, comparison_rows, side_by_side_html, subset_title
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,12 +63,10 @@ class SteeringPlayground:
         ).validated()
         self.loaded = loaded
         self.base_config = config
-        self._vectors: dict[tuple[Any, ...], tuple[SteeringVector, dict[str, bool]]] = {}
-        self._prompts: dict[tuple[Any, ...], PreparedPrompts] = {}
+        self.runner = Runner(loaded)
         self.last_payload: dict[str, Any] | None = None
-        self.last_config: RunConfig | None = None
+        self.last_record: RunRecord | None = None
         self.last_error: str | None = None
-        self.last_vector_source: str | None = None
         self.last_timings: dict[str, float] = {}
         self.saved_path: Path | None = None
 
@@ -125,6 +121,10 @@ class SteeringPlayground:
         )
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="play")
         self.save_button = widgets.Button(description="Save JSON", icon="save", disabled=True)
+        self.save_name = widgets.Text(
+            value="", placeholder="optional name", description="save as", style=wide, layout={"width": "260px"}
+        )
+        self.overwrite_toggle = widgets.Checkbox(value=False, description="overwrite", indent=False)
         self.status = widgets.HTML(value="Press <b>Generate</b> to steer with these settings.")
         self.table = widgets.HTML(value="")
         for control, name in (
@@ -138,11 +138,14 @@ class SteeringPlayground:
             (self.temperature, "temperature"),
             (self.generate_button, "generate"),
             (self.save_button, "save"),
+            (self.save_name, "save-name"),
+            (self.overwrite_toggle, "overwrite"),
             (self.status, "status"),
             (self.table, "table"),
         ):
             control.add_class(f"chunky-{name}")
-            if control not in (self.generate_button, self.save_button, self.status, self.table):
+            passive = (self.generate_button, self.save_button, self.save_name, self.overwrite_toggle)
+            if control not in (*passive, self.status, self.table):
                 control.observe(self._on_change, names="value")
         self.prompt_source_dropdown.observe(self._on_prompt_source, names="value")
         self._on_prompt_source({})
@@ -158,7 +161,7 @@ class SteeringPlayground:
                         ),
                     ]
                 ),
-                widgets.HBox([self.generate_button, self.save_button]),
+                widgets.HBox([self.generate_button, self.save_button, self.save_name, self.overwrite_toggle]),
                 self.status,
                 self.table,
             ]
@@ -184,105 +187,72 @@ class SteeringPlayground:
 
     def prompts_for(self, config: RunConfig) -> PreparedPrompts:
         """Vector and inference prompts, drawn once per setting (the same draw as the CLI's)."""
-        key = (
-            config.target_subset,
-            config.baseline_subset,
-            config.n_samples,
-            config.inference_dataset,
-            config.inference_n_samples,
-            config.include_vector_prompts,
-            config.data_source,
-            config.seed,
-        )
-        if key not in self._prompts:
-            self._prompts[key] = prepare_prompts(config)
-        return self._prompts[key]
+        return self.runner.prompts(config)
 
     def vector_for(self, config: RunConfig, prompts: PreparedPrompts) -> tuple[SteeringVector, dict[str, bool]]:
-        """The contrastive vector at every layer: from memory, else from the cache (extracting once if absent)."""
-        key = (
-            prompts.target.subset,
-            prompts.target.content_hash,
-            prompts.baseline.subset,
-            prompts.baseline.content_hash,
-            prompts.target.data_source,
-            config.read_position,
-            str(config.cache_path),
-        )
-        if key in self._vectors:
-            self.last_vector_source = "memory"
-            return self._vectors[key]
-        layers = list(range(self.loaded.n_layers))
-        sides = {
-            side: subset_means(
-                self.loaded,
-                prompt_set,
-                layers,
-                config.cache_path,
-                read_position=config.read_position,
-                capture="all",
-                batch_size=config.batch_size,
-                progress=False,
-            )
-            for side, prompt_set in (("target", prompts.target), ("baseline", prompts.baseline))
-        }
-        hits = {side: means.cache_hit for side, means in sides.items()}
-        self.last_vector_source = "cache" if all(hits.values()) else "extracted"
-        self._vectors[key] = (contrastive_vector(sides["target"], sides["baseline"]), hits)
-        return self._vectors[key]
+        """The contrastive vector at the config's layer: from memory, else from the cache (extracting once)."""
+        return self.runner.vector(config, prompts)
+
+    @property
+    def last_vector_source(self) -> str | None:
+        return self.runner.last_vector_source
+
+    @property
+    def last_config(self) -> RunConfig | None:
+        """The settings the answers on screen were made with (not the controls' current values)."""
+        return self.last_record.config if self.last_record is not None else None
 
     # ------------------------------------------------------------ actions
 
     def generate(self) -> dict[str, Any]:
-        """Generate baseline and steered answers for the current controls; show and return the seed-format payload."""
+        """Generate baseline and steered answers for the current controls (the CLI's run path); show the payload."""
         started = time.perf_counter()
         config = self.current_config().validated()
-        prompts = self.prompts_for(config)
-        vector, cache_hits = self.vector_for(config, prompts)
-        vector_seconds = time.perf_counter() - started
-        scales = [0.0] if config.scale == 0.0 else [0.0, config.scale]
-        generated = generate_with_scales(
-            self.loaded,
-            prompts.inference.prompts,
-            config.layer,
-            vector.at(config.layer),
-            scales,
-            config.generation_settings(),
-            progress=False,
-        )
-        self.last_timings = {"vector_s": round(vector_seconds, 3), "generate_s": round(generated.seconds, 3)}
-        timings = {**self.last_timings, "total_s": round(time.perf_counter() - started, 3)}
-        baseline, steered = generated.for_scale(0.0), generated.for_scale(config.scale)
-        rows = [
-            {"prompt_idx": i, "prompt": row.prompt, "prompt_id": row.id, "baseline": baseline[i], "steered": steered[i]}
-            for i, row in enumerate(prompts.inference.rows)
-        ]
-        metadata = build_metadata(config, self.loaded, prompts, vector, cache_hits, timings, len(scales))
-        payload = {"metadata": metadata, "results": rows}
-        self.last_config = config
-        self.show_payload(payload)
+        (record,) = self.runner.run(config)
+        self.last_timings = dict(record.payload["metadata"]["timings"])
+        self.show_record(record)
+        timings = record.payload["metadata"]["timings"]
+        reused = (record.payload["metadata"].get("baseline_cache") or {}).get("reused", 0)
         self.status.value = (
             f"Generated: layer {config.layer}, scale {config.scale:g} | vector from {self.last_vector_source} "
-            f"({vector_seconds:.2f} s), generation {generated.seconds:.2f} s"
+            f"({timings['vector_s']:.2f} s), generation {timings['generate_s']:.2f} s"
+            f"{f', {reused} baselines from the cache' if reused else ''} | "
+            f"{time.perf_counter() - started:.1f} s in all"
         )
-        return payload
+        return record.payload
+
+    def show_record(self, record: RunRecord) -> None:
+        """Show a run's payload; Save JSON then writes exactly this payload."""
+        self.last_record = record
+        self.show_payload(record.payload)
 
     def show_payload(self, payload: dict[str, Any], config: RunConfig | None = None) -> None:
         """Show a results payload (from `generate` or a results JSON) in the side-by-side table; with its
         config, Save JSON can write it."""
         self.last_payload = payload
         if config is not None:
-            self.last_config = config
+            self.last_record = RunRecord(config, payload)
         self.table.value = side_by_side_html(payload["results"], payload["metadata"])
-        self.save_button.disabled = self.last_config is None
+        self.save_button.disabled = self.last_record is None
+
+    def save_path(self) -> Path:
+        """Where Save JSON writes: the seed's layout, decoding settings in the name when not the defaults,
+        and the 'save as' name when one is given."""
+        if self.last_record is None:
+            raise UsageError("nothing generated yet: press Generate first")
+        path = result_path_for(self.last_record.config, decoding_in_name=True)
+        name = self.save_name.value.strip()
+        return path.with_name(f"{path.stem}_{safe_label(name)}.json") if name else path
 
     def save_results(self) -> Path:
-        """Write the last generation's settings as a seed-format results JSON, through `run_experiment`
-        (the CLI's path: same texts, plus whatever the CLI adds, such as metrics)."""
-        if self.last_config is None:
-            raise UsageError("nothing generated yet: press Generate first")
-        outcome = run_experiment(self.last_config, loaded=self.loaded)
-        self.saved_path, _ = outcome_payload(outcome)
+        """Write the payload on screen, as it is, with the settings it was made with."""
+        path = self.save_path()
+        assert self.last_record is not None
+        record = RunRecord(self.last_record.config, self.last_payload or self.last_record.payload)
+        try:
+            self.saved_path = self.runner.save(record, overwrite=bool(self.overwrite_toggle.value), path=path)
+        except ExistingResultError as exc:
+            raise UsageError(f"{exc}: tick 'overwrite' or type a name under 'save as'") from None
         return self.saved_path
 
     def _on_change(self, _change: dict[str, Any]) -> None:

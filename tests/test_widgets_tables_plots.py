@@ -147,7 +147,8 @@ def test_playground_save_writes_what_the_cli_writes(tiny: LoadedModel, tmp_path:
     assert not playground.save_button.disabled
     playground.save_button.click()
     assert playground.last_error is None, playground.last_error
-    expected = tmp_path / "results" / "12_0" / "layer_2_scale_4.0" / "out_5_3.json"
+    # the seed's layout, with the decoding settings that differ from the CLI defaults in the file name
+    expected = tmp_path / "results" / "12_0" / "layer_2_scale_4.0" / "out_5_3_temp0.0_max6.json"
     assert playground.saved_path == expected and "Saved" in playground.status.value
     saved = read_results(expected)
     assert [r["steered"] for r in saved["results"]] == [r["steered"] for r in shown["results"]]
@@ -496,3 +497,43 @@ def test_metric_cell_browser_shows_the_texts_of_the_chosen_cell(tmp_path) -> Non
     assert "answer at 1.0" in browser.table.value
     browser.dropdown.value = (3, 4.0)
     assert "answer at 4.0" in browser.table.value and "answer at 1.0" not in browser.table.value
+
+
+def test_save_after_moving_a_slider_writes_what_is_shown(tiny: LoadedModel, tmp_path: Path) -> None:
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path))
+    shown = playground.generate()
+    playground.layer_slider.value = 1  # moved, not generated: the save must still be the layer-2 answers
+    playground.temperature.value = 0.9
+    playground.save_button.click()
+    assert playground.last_error is None, playground.last_error
+    saved = read_results(playground.saved_path)
+    assert saved == json.loads(json.dumps(shown))  # exactly the payload on screen
+    assert saved["metadata"]["layer"] == 2 and saved["metadata"]["temperature"] == 0.0
+    assert playground.saved_path.parent.name == "layer_2_scale_4.0"
+
+    first_path = playground.saved_path
+    playground.layer_slider.value = 2
+    playground.generate()  # now at temperature 0.9: another file, no collision
+    playground.save_button.click()
+    assert playground.last_error is None, playground.last_error
+    assert playground.saved_path != first_path and "temp0.9" in playground.saved_path.name
+    assert read_results(first_path) == saved
+
+    playground.save_button.click()  # the same file again: resolved in the UI, never by a CLI flag
+    assert "tick 'overwrite'" in (playground.last_error or "") and "--overwrite" not in playground.last_error
+    playground.save_name.value = "second look"
+    playground.save_button.click()
+    assert playground.last_error is None and playground.saved_path.name.endswith("_second_look.json")
+    playground.save_name.value = ""
+    playground.overwrite_toggle.value = True
+    playground.save_button.click()
+    assert playground.last_error is None
+
+
+def test_rows_carry_one_collapse_verdict(tiny: LoadedModel, tmp_path: Path) -> None:
+    payload = SteeringPlayground(tiny, tiny_config(tmp_path, scale=40.0, max_tokens=12)).generate()
+    for row in payload["results"]:
+        assert set(row["collapse"]) == {"baseline", "steered"}
+        assert row["collapsed"] == (row["collapse"]["steered"] is not None)
+    counts = payload["metadata"]["collapsed"]
+    assert counts["steered"] == sum(row["collapsed"] for row in payload["results"])
