@@ -894,6 +894,11 @@ def overview_measures(frame: Any) -> list[str]:
     return [column for column in frame.columns if column.startswith("delta.")] + ["text_change"]
 
 
+def _group_label(value: Any) -> str:
+    missing = value is None or (isinstance(value, float) and math.isnan(value))
+    return "None" if missing else str(value)
+
+
 def overview_figure(frame: Any) -> Any:
     """Layer x scale heatmaps of mean values over prompts, one per pair and inference set; a menu picks the measure."""
     import plotly.graph_objects as go
@@ -901,8 +906,9 @@ def overview_figure(frame: Any) -> Any:
 
     measures = overview_measures(frame)
     keys = ["target_subset", "baseline_subset", "inference_dataset", "inference_n_samples"]
-    frame = frame.assign(**{key: frame[key].astype(str) for key in keys})
-    panels = list(frame.groupby(keys, sort=False))
+    # built-in prompts have no inference set: name them, since pandas drops missing group keys
+    frame = frame.assign(**{key: frame[key].map(_group_label) for key in keys})
+    panels = list(frame.groupby(keys, sort=False, dropna=False))
     titles = [
         f"{target} vs {baseline} on {'built-in prompts' if dataset == 'None' else f'{dataset} x {n}'}"
         for (target, baseline, dataset, n), _ in panels

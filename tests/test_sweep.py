@@ -302,6 +302,21 @@ def test_killed_sweep_reruns_only_the_missing_points(tmp_path: Path) -> None:
     assert not list(folder.rglob(".*.running.ipynb"))
 
 
+def test_sweep_on_builtin_prompts_finishes_with_summary_and_one_baseline_pass(tmp_path: Path, capsys) -> None:
+    """No --inference-datasets: the 5 built-in prompts. Two layers, two scales, sampled (temperature 0.7)."""
+    mapping = sweep(tmp_path, "builtin", layers=[1, 2], scales=[0.5, 2.0], inference_datasets=[None], temperature=0.7)
+    assert main(["--config", str(config_file(tmp_path, mapping)), "-q"]) == 0, capsys.readouterr().err
+    folder = tmp_path / "sweeps" / "builtin"
+    assert (folder / "summary.csv").is_file() and (folder / "overview.html").is_file()
+    assert "built-in prompts" in (folder / "overview.html").read_text()
+    payloads = [json.loads(path.read_text()) for path in sorted(folder.rglob("results.json"))]
+    assert len(payloads) == 4
+    reuse = sorted(payload["metadata"]["baseline_cache"]["reused"] for payload in payloads)
+    assert reuse == [0, 0, 5, 5], "the second layer's group reuses the first group's baselines"
+    baselines = {json.dumps([row["baseline"] for row in payload["results"]]) for payload in payloads}
+    assert len(baselines) == 1, "every point shows the same sampled baselines"
+
+
 def test_failing_point_is_recorded_and_the_others_go_on(tmp_path: Path, capsys) -> None:
     mapping = sweep(tmp_path, "failing", layers=[99, 1])
     assert main(["--config", str(config_file(tmp_path, mapping)), "-q"]) == 1
