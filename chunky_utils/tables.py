@@ -83,6 +83,7 @@ def rows_of_payload(payload: Mapping[str, Any], path: Path | str, config_id: str
             text = str(row.get(side) or "")
             flat[f"{side}.words"] = word_count(text)
             flat[f"{side}.chars"] = len(text)
+            flat[f"{side}_collapse"] = row_collapse(row, side)
         metrics = row.get("metrics") or {}
         for side in SIDES:
             for name, value in (metrics.get(side) or {}).items():
@@ -197,6 +198,10 @@ def vector_caption(metadata: Mapping[str, Any]) -> str:
 COLLAPSE_STYLE = "background:#b00020;color:white;border-radius:3px;padding:0 4px;font-size:11px;margin-right:4px"
 
 
+def _known_reason(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def collapse_badge_html(reason: str | None) -> str:
     """A small red 'collapsed' badge whose tooltip gives the reason; '' when the answer is fine."""
     if reason is None:
@@ -228,7 +233,7 @@ def side_by_side_html(
         left_html, right_html = word_diff_html(left_text, right_text)
         badges = {}
         for side in (left, right):
-            reason = row_collapse(row, side) if side in SIDES else row.get(f"{side}_collapse")
+            reason = row_collapse(row, side) if side in SIDES else _known_reason(row.get(f"{side}_collapse"))
             n_collapsed[side] += reason is not None
             badges[side] = collapse_badge_html(reason)
         left_html, right_html = badges[left] + left_html, badges[right] + right_html
@@ -275,14 +280,33 @@ def comparison_rows(
             raise UsageError(f"no config {config_id!r} in the results")
         sides.append((part, column))
     (left_part, left_column), (right_part, right_column) = sides
+
+    def reasons(part: pd.DataFrame, column: str) -> list[Any]:
+        name = f"{column}_collapse"
+        return [_known_reason(value) for value in part[name]] if name in part else [None] * len(part)
+
     right_by_prompt = dict(zip(right_part["prompt"], right_part[right_column], strict=True))
+    right_reason = dict(zip(right_part["prompt"], reasons(right_part, right_column), strict=True))
     rows = [
-        {"prompt_idx": idx, "prompt": prompt, "left": text, "right": right_by_prompt.get(prompt, "")}
-        for idx, prompt, text in zip(left_part["prompt_idx"], left_part["prompt"], left_part[left_column], strict=True)
+        {
+            "prompt_idx": idx,
+            "prompt": prompt,
+            "left": text,
+            "right": right_by_prompt.get(prompt, ""),
+            "left_collapse": reason,
+            "right_collapse": right_reason.get(prompt),
+        }
+        for idx, prompt, text, reason in zip(
+            left_part["prompt_idx"],
+            left_part["prompt"],
+            left_part[left_column],
+            reasons(left_part, left_column),
+            strict=True,
+        )
     ]
     seen = set(left_part["prompt"])
     rows += [
-        {"prompt_idx": "-", "prompt": prompt, "left": "", "right": text}
+        {"prompt_idx": "-", "prompt": prompt, "left": "", "right": text, "right_collapse": right_reason.get(prompt)}
         for prompt, text in right_by_prompt.items()
         if prompt not in seen
     ]

@@ -69,3 +69,32 @@ def test_embedded_model_loads_from_converted_folder(embedded) -> None:
     assert "<|im_start|>assistant" in embedded.tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
+
+
+def test_zero_vector_at_temperature_07_changes_nothing_on_the_embedded_model(embedded) -> None:
+    import torch
+
+    from chunky_utils.data import default_prompt_set
+    from chunky_utils.generation import GenerationSettings, generate_with_scales
+
+    prompts = default_prompt_set().prompts[:3]
+    settings = GenerationSettings(max_new_tokens=16, temperature=0.7, seed=0)
+    out = generate_with_scales(embedded, prompts, 16, torch.zeros(embedded.hidden_size), [0.0, 2.0], settings, False)
+    assert out.for_scale(0.0) == out.for_scale(2.0)
+    assert all(text for text in out.for_scale(0.0))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_baselines_agree_across_four_compositions_on_the_embedded_model(embedded, temperature: float) -> None:
+    """Alone, paired, five scales, sweep-shaped: at least 95% of baseline texts identical (fp32, CPU)."""
+    import torch
+
+    from benchmarks.batch_invariance import agreement, baselines_by_composition
+    from chunky_utils.data import load_prompt_set
+    from chunky_utils.generation import GenerationSettings
+
+    prompts = [row.prompt for row in load_prompt_set("5", 6, "bundled", seed=3).rows]
+    vector = torch.randn(embedded.hidden_size, generator=torch.Generator().manual_seed(0)) * 4.0
+    settings = GenerationSettings(max_new_tokens=16, temperature=temperature, seed=0)
+    found = baselines_by_composition(embedded, prompts, 16, vector, settings)
+    assert agreement(found)["share_equal"] >= 0.95, found

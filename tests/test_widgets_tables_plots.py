@@ -537,3 +537,19 @@ def test_rows_carry_one_collapse_verdict(tiny: LoadedModel, tmp_path: Path) -> N
         assert row["collapsed"] == (row["collapse"]["steered"] is not None)
     counts = payload["metadata"]["collapsed"]
     assert counts["steered"] == sum(row["collapsed"] for row in payload["results"])
+
+
+def test_collapse_badges_in_the_side_by_side_and_the_comparison(tmp_path: Path) -> None:
+    payload = fake_payload(layer=2, scale=8.0, metrics=False)
+    payload["results"][0]["collapse"] = {"baseline": None, "steered": "loops (80% of tokens repeat back to back)"}
+    payload["results"][1]["collapse"] = {"baseline": None, "steered": None}
+    page = side_by_side_html(payload["results"], payload["metadata"])
+    assert page.count('class="chunky-collapsed"') == 1 and 'title="loops (80%' in page
+    assert "collapsed: baseline 0, steered 1" in visible_text(page)
+    path = tmp_path / "r" / "12_0" / "layer_2_scale_8.0" / "out_5_2.json"
+    write_results(path, payload["metadata"], payload["results"])
+    frame = load_results_frame(tmp_path / "r")
+    config_id = frame["config_id"].iloc[0]
+    rows, _ = comparison_rows(frame, (config_id, "baseline"), (config_id, "steered"))
+    assert [row["right_collapse"] for row in rows] == ["loops (80% of tokens repeat back to back)", None]
+    assert "chunky-collapsed" in side_by_side_html(rows, left="left", right="right")
