@@ -9,34 +9,24 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from chunky_utils.activations import READ_POSITIONS
-from chunky_utils.data import DATA_SOURCES, parse_subset
+from chunky_utils.data import parse_subset
 from chunky_utils.errors import UsageError
-from chunky_utils.generation import GenerationSettings
-from chunky_utils.models import EMBEDDED_MODEL_ID
-from chunky_utils.steering import STEER_POSITIONS
-
-CAPTURE_MODES: tuple[str, ...] = ("all", "needed")
-"""'all' reads every layer in the extraction pass (a later layer sweep runs no model);
-'needed' stops the pass at the steering layer (fastest first run)."""
-
-# Fields that do not change what a run writes: left out of the settings hash.
-NON_RESULT_FIELDS = frozenset(
-    {
-        "output_dir",
-        "cache_dir",
-        "overwrite",
-        "batch_size",
-        "device",
-        "tensor_parallel_size",
-        "capture",
-        "progress",
-        "reuse_baselines",
-    }
+from chunky_utils.options import (
+    CAPTURE_MODES,
+    DATA_SOURCES,
+    EMBEDDED_MODEL_ID,
+    READ_POSITIONS,
+    STEER_POSITIONS,
+    non_result_fields,
+    option,
 )
-# Decoding settings that, when not at their default, name themselves in a result's file name.
+
+if TYPE_CHECKING:
+    from chunky_utils.generation import GenerationSettings
+
+# Decoding settings that, when not at their default, name themselves in a saved result's file name.
 DECODING_FIELDS: tuple[tuple[str, str], ...] = (
     ("temperature", "temp"),
     ("max_tokens", "max"),
@@ -49,38 +39,97 @@ DECODING_FIELDS: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One steering run. The CLI builds it from flags, notebooks from their parameters cell, sweeps from a grid."""
+    """One steering run. The CLI builds it from flags, notebooks from their parameters cell, sweeps from a grid.
 
-    target_subset: str
-    baseline_subset: str
-    layer: int
-    scale: float = 1.0
-    model: str = EMBEDDED_MODEL_ID
-    n_samples: int = 100
-    inference_dataset: str | None = None
-    inference_n_samples: int = 10
-    include_vector_prompts: bool = False
-    max_tokens: int = 100
-    temperature: float = 0.7
-    seed: int = 0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    min_tokens: int = 0  # answers at least this long (EOS suppressed until then)
-    data_source: str = "auto"
-    read_position: str = "generation_prompt"
-    steer_positions: str = "all"
-    capture: str = "all"
-    output_dir: str = "results"
-    cache_dir: str | None = None
-    batch_size: int = 32
-    device: str = "auto"
-    dtype: str = "auto"
-    tensor_parallel_size: int = 1
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    metrics: bool = True  # score every generation with the unsteered model (chunky_utils.metrics)
-    reuse_baselines: bool = True  # unsteered answers from the baseline cache (chunky_utils.baselines)
+    Each field is declared once, with its help, group and flag (chunky_utils.options): the command lines and
+    the notebooks' parameters cells are generated from these declarations.
+    """
+
+    target_subset: str = option(help="subset to steer toward (key 0..18 or a prompt file)", group="steering")
+    baseline_subset: str = option(help="subset to steer away from (key 0..18 or a prompt file)", group="steering")
+    layer: int = option(help="decoder layer to read and steer", group="steering")
+    scale: float = option(1.0, help="steering multiplier; negative reverses", group="steering")
+    n_samples: int = option(100, help="prompts per subset for the vector (-1: all)", group="steering")
+    model: str = option(
+        EMBEDDED_MODEL_ID,
+        help="Hugging Face id, local folder, the embedded model or tiny-random:<arch>",
+        group="model and data",
+    )
+    inference_dataset: str | None = option(
+        None, help="subset for test prompts (None: the 5 built-in prompts)", group="inference"
+    )
+    inference_n_samples: int = option(10, help="test prompts to draw (-1: all)", group="inference")
+    include_vector_prompts: bool = option(
+        False, help="allow prompts used to build the vector in the inference draw (the seed did)", group="inference"
+    )
+    max_tokens: int = option(100, help="new tokens per answer", group="inference")
+    temperature: float = option(0.7, help="sampling temperature (0: greedy)", group="inference")
+    seed: int = option(0, help="seed for prompt draws and sampling", group="inference")
+    top_k: int = option(0, help="sample among the k likeliest tokens (0: off)", group="inference")
+    top_p: float = option(
+        1.0, help="nucleus sampling: the smallest set holding this mass (1.0: off)", group="inference"
+    )
+    min_tokens: int = option(
+        0, help="answers at least this many tokens long (EOS held back until then)", group="inference"
+    )
+    data_source: str = option(
+        "auto",
+        help="hub, bundled offline sample, or auto (hub when reachable)",
+        group="model and data",
+        choices=DATA_SOURCES,
+    )
+    read_position: str = option(
+        "generation_prompt",
+        help="read after the assistant header or at the end of the user turn",
+        group="model and data",
+        choices=READ_POSITIONS,
+    )
+    steer_positions: str = option(
+        "all",
+        help="add the vector at every position (the seed) or where tokens are generated",
+        group="inference",
+        choices=STEER_POSITIONS,
+    )
+    capture: str = option(
+        "all",
+        help="extract every layer in one pass, or only up to --layer",
+        group="model and data",
+        choices=CAPTURE_MODES,
+        in_hash=False,
+    )
+    output_dir: str = option("results", help="results root", group="output", in_hash=False)
+    cache_dir: str | None = option(
+        None,
+        help="activation and baseline cache (default: cache/, or OUTPUT_DIR/dataset_cache with --output-dir)",
+        group="output",
+        in_hash=False,
+    )
+    batch_size: int = option(32, help="rows per forward/generate batch", group="model and data", in_hash=False)
+    device: str = option("auto", help="auto, cpu, cuda or cuda:N", group="model and data", in_hash=False)
+    dtype: str = option("auto", help="auto, float32, bfloat16 or float16", group="model and data")
+    tensor_parallel_size: int = option(
+        1, help="spread the model over this many GPUs (accelerate device_map)", group="model and data", in_hash=False
+    )
+    trust_remote_code: bool = option(
+        False, help="allow model repositories to run their own code", group="model and data"
+    )
+    overwrite: bool = option(
+        False, help="replace an existing result made with other settings", group="output", in_hash=False
+    )
+    progress: bool = option(True, help="progress bars", group="output", in_hash=False, cli=False)
+    metrics: bool = option(
+        True,
+        help="skip scoring the texts (concept, perplexity, distinct-2, relevance, overall)",
+        group="output",
+        flag="--no-metrics",
+    )
+    reuse_baselines: bool = option(
+        True,
+        help="generate unsteered answers again instead of reusing cached ones (chunky_utils.baselines)",
+        group="inference",
+        flag="--no-baseline-cache",
+        in_hash=False,
+    )
 
     def validated(self) -> RunConfig:
         """Check every field that can be checked without the model; return self or raise UsageError."""
@@ -105,6 +154,8 @@ class RunConfig:
 
     def generation_settings(self) -> GenerationSettings:
         """Decoding settings (validated on construction)."""
+        from chunky_utils.generation import GenerationSettings
+
         return GenerationSettings(
             max_new_tokens=self.max_tokens,
             min_new_tokens=self.min_tokens,
@@ -155,6 +206,10 @@ class RunConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+NON_RESULT_FIELDS = non_result_fields(RunConfig)
+"""Fields that do not change what a run writes: left out of the settings hash."""
 
 
 def _check_count(flag: str, value: int) -> None:

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from chunky_utils.errors import UsageError
+from chunky_utils.options import DATA_SOURCES
 
 log = logging.getLogger(__name__)
 
 DataSource = Literal["auto", "hub", "bundled"]
-DATA_SOURCES: tuple[str, ...] = ("auto", "hub", "bundled")
 TULU_DATASET_ID = "allenai/tulu-3-sft-mixture"
 
 TULU_SET_MAP: dict[str, str] = {

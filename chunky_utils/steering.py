@@ -14,10 +14,7 @@ from torch import nn
 
 from chunky_utils.activations import SubsetMeans, output_hidden
 from chunky_utils.models import check_layer, find_decoder_layers
-
-STEER_POSITIONS: tuple[str, ...] = ("all", "generated")
-"""'all' adds the delta at every position, prompt included (the seed's behaviour); 'generated' only
-where a new token is predicted: the last prompt token and every decoding step."""
+from chunky_utils.options import STEER_POSITIONS
 
 
 class RowDeltaHook:
