@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chunky_utils.config import RunConfig  # noqa: E402
 from chunky_utils.generation import GenerationOutput, generate_with_scales  # noqa: E402
-from chunky_utils.metrics import score_run  # noqa: E402
+from chunky_utils.metric_summary import score_run  # noqa: E402
 from chunky_utils.models import EMBEDDED_MODEL_ID, load_model  # noqa: E402
 from chunky_utils.pipeline import prepare_prompts, steering_vector_for  # noqa: E402
 

@@ -373,6 +373,15 @@ def load_prompt_set(
     )
 
 
+@dataclass(frozen=True)
+class PreparedPrompts:
+    """The prompt sets of one run: the vector's two sides and the inference prompts."""
+
+    target: PromptSet
+    baseline: PromptSet
+    inference: PromptSet
+
+
 def default_prompt_set() -> PromptSet:
     """The five built-in inference prompts."""
     rows = tuple(PromptRow(id=f"default-{i}", prompt=p) for i, p in enumerate(DEFAULT_INFERENCE_PROMPTS))

@@ -1,4 +1,4 @@
-"""Scores for every generation, read back by the unsteered model: concept, fluency, relevance and overall.
+"""Batched scoring of every generation by the unsteered model: concept, fluency, relevance and overall.
 
 Per text (see METRIC_NAMES): `concept_score` (steering-layer activations over the text, projected on the unit
 contrastive direction; 0 = baseline mean, 1 = target mean), `concept_probe` (P(target) from a logistic probe fit
@@ -15,10 +15,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-import statistics
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,9 +23,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from chunky_utils.activations import cache_key_for, output_hidden
-from chunky_utils.cache import ActivationCache
+from chunky_utils.activations import output_hidden
 from chunky_utils.collapse import DISTINCT_2_FLOOR, distinct_n
+from chunky_utils.concept import (
+    ConceptAxis,
+    LinearProbe,
+    auroc,
+    fit_probe,
+    load_contrast_activations,
+)
 from chunky_utils.models import (
     LoadedModel,
     check_layer,
@@ -39,13 +42,33 @@ from chunky_utils.models import (
     tokenize_prompts,
 )
 from chunky_utils.steering import active_hook_count
+from chunky_utils.text_metrics import (
+    OVERALL_FORMULA,
+    PPL_CEILING,
+    RELEVANCE_FULL,
+    RELEVANCE_TOKENS,
+    fluency_part,
+    overall_score,
+)
+
+__all__ = [  # re-exported for callers of the one-module layout
+    "DISTINCT_2_FLOOR",
+    "OVERALL_FORMULA",
+    "PPL_CEILING",
+    "RELEVANCE_FULL",
+    "RELEVANCE_TOKENS",
+    "ConceptAxis",
+    "LinearProbe",
+    "auroc",
+    "distinct_n",
+    "fit_probe",
+    "fluency_part",
+    "load_contrast_activations",
+    "overall_score",
+]
 
 if TYPE_CHECKING:
-    from chunky_utils.config import RunConfig
-    from chunky_utils.data import PromptSet
     from chunky_utils.generation import GenerationOutput
-    from chunky_utils.pipeline import PreparedPrompts
-    from chunky_utils.steering import SteeringVector
 
 log = logging.getLogger(__name__)
 
@@ -59,195 +82,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "n_tokens",
 )
 """Keys of every `row["metrics"]["baseline"|"steered"]` dict."""
-
-PPL_CEILING = 200.0
-"""Perplexity at which the fluency part of `overall` reaches 0 (it is 1 at perplexity 1)."""
-RELEVANCE_FULL = 1.0
-"""Relevance (nats per token) at which the relevance part of `overall` saturates at 1."""
-RELEVANCE_TOKENS = 16
-"""Relevance reads the first this many tokens of a text (where its dependence on the prompt shows; later tokens
-lean on the text itself): the 'without prompt' pass then costs at most this many tokens per text."""
-OVERALL_FORMULA = (
-    f"harmonic mean of c=clip(concept_score,0,1), f=min(clip(1-ln(ppl)/ln({PPL_CEILING:g}),0,1), "
-    f"clip((distinct_2-{DISTINCT_2_FLOOR:g})/{1 - DISTINCT_2_FLOOR:g},0,1)), r=clip(relevance/{RELEVANCE_FULL:g},0,1); "
-    "0 when any part is 0 or undefined"
-)
-
-
-# ---------------------------------------------------------------- per-text pure metrics
-
-
-def fluency_part(perplexity: float | None, distinct_2: float | None) -> float:
-    """The fluency part of `overall` in [0, 1]: the worse of the perplexity part and the repetition part."""
-    if perplexity is None or distinct_2 is None or not math.isfinite(perplexity) or perplexity <= 0:
-        return 0.0
-    ppl_part = 1.0 - math.log(max(perplexity, 1.0)) / math.log(PPL_CEILING)
-    repetition_part = (distinct_2 - DISTINCT_2_FLOOR) / (1.0 - DISTINCT_2_FLOOR)
-    return _clip01(min(ppl_part, repetition_part))
-
-
-def overall_score(
-    concept_score: float | None,
-    perplexity: float | None,
-    distinct_2: float | None,
-    relevance: float | None,
-) -> float:
-    """One number per text in [0, 1], in the spirit of AxBench's harmonic mean; 0 when any part collapses.
-
-    overall = 3 / (1/c + 1/f + 1/r) with
-      c = clip(concept_score, 0, 1)                       (moved toward the target),
-      f = min(clip(1 - ln(perplexity) / ln(PPL_CEILING), 0, 1),
-              clip((distinct_2 - DISTINCT_2_FLOOR) / (1 - DISTINCT_2_FLOOR), 0, 1))   (still fluent, not looping),
-      r = clip(relevance / RELEVANCE_FULL, 0, 1)          (still answers its prompt);
-    overall = 0 when any of c, f, r is 0 or undefined (None, e.g. an empty answer). The concept axis is
-    calibrated on prompt reads, so an unsteered answer need not read 0: compare steered with baseline.
-    """
-    if concept_score is None or relevance is None or not math.isfinite(concept_score) or not math.isfinite(relevance):
-        return 0.0
-    parts = (_clip01(concept_score), fluency_part(perplexity, distinct_2), _clip01(relevance / RELEVANCE_FULL))
-    if min(parts) <= 0.0:
-        return 0.0
-    return len(parts) / sum(1.0 / part for part in parts)
-
-
-def _clip01(value: float) -> float:
-    return min(1.0, max(0.0, value))
-
-
-# ---------------------------------------------------------------- concept axis and probe
-
-
-@dataclass(frozen=True)
-class ConceptAxis:
-    """The unit contrastive direction at one layer, scaled so the baseline mean reads 0 and the target mean 1."""
-
-    layer: int
-    direction: torch.Tensor
-    baseline_projection: float
-    target_projection: float
-
-    @classmethod
-    def from_means(cls, layer: int, target_mean: torch.Tensor, baseline_mean: torch.Tensor) -> ConceptAxis:
-        difference = target_mean.float().cpu() - baseline_mean.float().cpu()
-        norm = float(difference.norm())
-        if not math.isfinite(norm) or norm == 0.0:
-            raise ValueError(f"target and baseline means coincide at layer {layer}: no concept direction")
-        unit = difference / norm
-        return cls(layer, unit, float(unit @ baseline_mean.float().cpu()), float(unit @ target_mean.float().cpu()))
-
-    def score(self, activations: torch.Tensor) -> torch.Tensor:
-        """Concept score of activations [..., hidden] -> [...]: 0 at the baseline mean, 1 at the target mean."""
-        projection = activations.float().cpu() @ self.direction
-        return (projection - self.baseline_projection) / (self.target_projection - self.baseline_projection)
-
-
-@dataclass(frozen=True)
-class LinearProbe:
-    """A standardized logistic regression separating target (1) from baseline (0) activations at one layer."""
-
-    layer: int
-    weight: torch.Tensor
-    bias: float
-    center: torch.Tensor
-    spread: torch.Tensor
-    heldout_auroc: float | None
-    folds: int
-    n_target: int
-    n_baseline: int
-
-    def predict_proba(self, activations: torch.Tensor) -> torch.Tensor:
-        """P(target) for activations [..., hidden] -> [...]."""
-        standardized = (activations.float().cpu() - self.center) / self.spread
-        return torch.sigmoid(standardized @ self.weight + self.bias)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "heldout_auroc": self.heldout_auroc,
-            "folds": self.folds,
-            "n_target": self.n_target,
-            "n_baseline": self.n_baseline,
-            "trained_on": "cached last-prompt-token activations",
-        }
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve (Mann-Whitney, ties count half); NaN when a class is missing."""
-    positive = scores[labels == 1].float()
-    negative = scores[labels == 0].float()
-    if positive.numel() == 0 or negative.numel() == 0:
-        return float("nan")
-    greater = (positive[:, None] > negative[None, :]).float().mean()
-    ties = (positive[:, None] == negative[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run tiny CPU work on one thread: thread hand-offs cost more than the work (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _fit_logistic(
-    features: torch.Tensor, labels: torch.Tensor, l2: float
-) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
-    """(weight, bias, center, spread) of an L2-regularized logistic regression on standardized features."""
-    with torch.inference_mode(False), torch.enable_grad(), _one_thread():
-        x = features.float().cpu().clone()
-        y = labels.float().cpu().clone()
-        center = x.mean(dim=0)
-        spread = x.std(dim=0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(center)
-        x = (x - center) / spread
-        weight = torch.zeros(x.shape[1], requires_grad=True)
-        bias = torch.zeros(1, requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, y)
-            loss = loss + l2 * (weight @ weight) / (2 * x.shape[0])
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-        return weight.detach().clone(), float(bias.detach()), center, spread
-
-
-def fit_probe(
-    layer: int,
-    target_activations: torch.Tensor,
-    baseline_activations: torch.Tensor,
-    folds: int = 5,
-    l2: float = 1.0,
-    seed: int = 0,
-) -> LinearProbe:
-    """Fit the probe on all rows; its held-out AUROC comes from stratified k-fold out-of-fold scores."""
-    features = torch.cat([target_activations, baseline_activations]).float().cpu()
-    labels = torch.cat([torch.ones(len(target_activations)), torch.zeros(len(baseline_activations))])
-    n_folds = min(folds, len(target_activations), len(baseline_activations))
-    heldout: float | None = None
-    if n_folds >= 2:
-        generator = torch.Generator().manual_seed(seed)
-        fold_of = torch.empty(len(labels), dtype=torch.long)
-        for label in (0, 1):
-            members = torch.nonzero(labels == label).flatten()
-            members = members[torch.randperm(len(members), generator=generator)]
-            fold_of[members] = torch.arange(len(members)) % n_folds
-        out_of_fold = torch.empty(len(labels))
-        for fold in range(n_folds):
-            train, test = fold_of != fold, fold_of == fold
-            weight, bias, center, spread = _fit_logistic(features[train], labels[train], l2)
-            out_of_fold[test] = ((features[test] - center) / spread) @ weight + bias
-        heldout = round(auroc(out_of_fold, labels), 6)
-    weight, bias, center, spread = _fit_logistic(features, labels, l2)
-    return LinearProbe(
-        layer, weight, bias, center, spread, heldout, n_folds, len(target_activations), len(baseline_activations)
-    )
 
 
 # ---------------------------------------------------------------- batched scoring by the unsteered model
@@ -479,13 +313,13 @@ def score_texts_and_means(
     read_slot = {t: i for i, t in enumerate(read_texts)}
     by_pair: dict[tuple[int, int], dict[str, float | int | None]] = {}
     for i, (prompt_index, text_index) in enumerate(pairs):
-        concept_score = _finite(concept[i]) if concept is not None else None
-        perplexity = _finite(torch.exp(-with_prompt[i]))
+        concept_score = finite_or_none(concept[i]) if concept is not None else None
+        perplexity = finite_or_none(torch.exp(-with_prompt[i]))
         distinct_2 = distinct_n(text_ids[text_index], 2)
-        relevance = _finite(with_prompt_window[i] - without_prompt_window[read_slot[text_index]])
+        relevance = finite_or_none(with_prompt_window[i] - without_prompt_window[read_slot[text_index]])
         by_pair[(prompt_index, text_index)] = {
             "concept_score": concept_score,
-            "concept_probe": _finite(probe_scores[i]) if probe_scores is not None else None,
+            "concept_probe": finite_or_none(probe_scores[i]) if probe_scores is not None else None,
             "perplexity": perplexity,
             "distinct_2": round(distinct_2, 6),
             "relevance": relevance,
@@ -511,7 +345,7 @@ def score_texts_and_means(
     return scores, kept
 
 
-def _finite(value: torch.Tensor | float) -> float | None:
+def finite_or_none(value: torch.Tensor | float) -> float | None:
     number = float(value)
     return round(number, 6) if math.isfinite(number) else None
 
@@ -534,172 +368,3 @@ def score_generations(
 
 
 # ---------------------------------------------------------------- one run: cache -> axis + probe -> scores
-
-
-def load_contrast_activations(
-    config: RunConfig, loaded: LoadedModel, target: PromptSet, baseline: PromptSet
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Cached per-prompt activations of target and baseline at `config.layer` ([n, hidden] each), if stored."""
-    found = []
-    for prompt_set in (target, baseline):
-        cache = ActivationCache(config.cache_path, cache_key_for(loaded, config.read_position, prompt_set.data_source))
-        stored = cache.load_activations(prompt_set.subset, len(prompt_set.rows), prompt_set.content_hash)
-        if stored is None or config.layer not in stored[1]:
-            return None
-        activations, layers = stored
-        found.append(activations[:, layers.index(config.layer), :].float())
-    return found[0], found[1]
-
-
-@dataclass
-class RunMetrics:
-    """Scores of every scale of one run, and what they were read with."""
-
-    per_scale: dict[float, list[dict[str, float | int | None]]]
-    axis: ConceptAxis | None
-    probe: LinearProbe | None
-    seconds: float
-    probe_seconds: float = 0.0
-
-    def summary(self, scale: float) -> dict[str, Any]:
-        """Means (and medians) of each metric for baseline and steered at `scale`, and their deltas."""
-        baseline, steered = self.per_scale[0.0], self.per_scale[scale]
-        summary: dict[str, Any] = {
-            "baseline_mean": metric_means(baseline),
-            "steered_mean": metric_means(steered),
-        }
-        summary["delta"] = {
-            name: _delta(summary["steered_mean"][name], summary["baseline_mean"][name]) for name in METRIC_NAMES
-        }
-        summary["baseline_median"] = metric_means(baseline, statistics.median)
-        summary["steered_median"] = metric_means(steered, statistics.median)
-        summary["probe_auroc"] = self.probe.heldout_auroc if self.probe is not None else None
-        summary["probe"] = self.probe.describe() if self.probe is not None else None
-        summary["concept_axis"] = (
-            {
-                "layer": self.axis.layer,
-                "baseline_projection": round(self.axis.baseline_projection, 6),
-                "target_projection": round(self.axis.target_projection, 6),
-                "read": "steering-layer output averaged over the text tokens, prompt in context",
-            }
-            if self.axis is not None
-            else None
-        )
-        summary["scorer"] = "unsteered model"
-        summary["relevance_tokens"] = RELEVANCE_TOKENS
-        summary["overall_formula"] = OVERALL_FORMULA
-        summary["seconds"] = round(self.seconds, 3)
-        summary["probe_seconds"] = round(self.probe_seconds, 3)
-        summary["scales_scored_together"] = len(self.per_scale)
-        return summary
-
-    def attach(self, rows: list[dict[str, Any]], metadata: dict[str, Any], scale: float) -> None:
-        """Add `row["metrics"] = {"baseline", "steered"}` to each row and `metadata["metrics"]` (the summary)."""
-        baseline, steered = self.per_scale[0.0], self.per_scale[scale]
-        for row in rows:
-            index = row["prompt_idx"]
-            row["metrics"] = {"baseline": dict(baseline[index]), "steered": dict(steered[index])}
-        metadata["metrics"] = self.summary(scale)
-
-
-def metric_means(
-    scores: Sequence[Mapping[str, float | int | None]], reduce: Any = statistics.fmean
-) -> dict[str, float | None]:
-    """Per-metric reduction (mean by default) over rows, skipping undefined values."""
-    out: dict[str, float | None] = {}
-    for name in METRIC_NAMES:
-        values = [float(s[name]) for s in scores if s.get(name) is not None]
-        out[name] = round(float(reduce(values)), 6) if values else None
-    return out
-
-
-def _delta(steered: float | None, baseline: float | None) -> float | None:
-    return None if steered is None or baseline is None else round(steered - baseline, 6)
-
-
-def concept_readers(
-    config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts, vector: SteeringVector
-) -> tuple[ConceptAxis | None, LinearProbe | None, float]:
-    """The concept axis and probe at `config.layer`, from the activation cache; also the probe's fit seconds."""
-    axis: ConceptAxis | None = None
-    probe: LinearProbe | None = None
-    probe_seconds = 0.0
-    contrast = load_contrast_activations(config, loaded, prompts.target, prompts.baseline)
-    if contrast is not None:
-        target_activations, baseline_activations = contrast
-        axis = _axis_or_none(config.layer, target_activations.mean(0), baseline_activations.mean(0))
-        probe_started = time.perf_counter()
-        probe = fit_probe(config.layer, target_activations, baseline_activations, seed=config.seed)
-        probe_seconds = time.perf_counter() - probe_started
-        log.info(
-            "concept probe at layer %d: held-out AUROC %s (fit in %.2f s)",
-            config.layer,
-            probe.heldout_auroc,
-            probe_seconds,
-        )
-    else:
-        means = _cached_means(config, loaded, prompts)
-        if means is not None:
-            axis = _axis_or_none(config.layer, *means)
-        log.warning("per-prompt activations not in the cache: no probe%s", "" if axis else ", no concept score")
-    if axis is not None and not torch.allclose(
-        axis.direction * vector.norm(config.layer), vector.at(config.layer).float().cpu(), atol=1e-4, rtol=1e-3
-    ):
-        log.warning("cached activations do not match the steering vector at layer %d", config.layer)
-    return axis, probe, probe_seconds
-
-
-def score_run(
-    config: RunConfig,
-    loaded: LoadedModel,
-    prompts: PreparedPrompts,
-    vector: SteeringVector,
-    generated: GenerationOutput,
-) -> RunMetrics:
-    """Every scale's texts of one generation scored in one batched pass (no baseline cache: see pipeline.Runner)."""
-    started = time.perf_counter()
-    axis, probe, probe_seconds = concept_readers(config, loaded, prompts, vector)
-    per_scale = score_generations(
-        loaded, prompts.inference.prompts, generated, axis, probe, config.batch_size, config.progress
-    )
-    return RunMetrics(per_scale, axis, probe, time.perf_counter() - started, probe_seconds)
-
-
-@torch.no_grad()
-def complete_metrics(
-    vector_free: Mapping[str, Any],
-    layer_mean: torch.Tensor | None,
-    axis: ConceptAxis | None,
-    probe: LinearProbe | None,
-) -> dict[str, float | int | None]:
-    """A text's full metrics from its vector-free metrics and its mean activation at the steering layer."""
-    usable = layer_mean is not None and bool(torch.isfinite(layer_mean).all())
-    concept = _finite(axis.score(layer_mean)) if axis is not None and usable else None
-    metrics = dict.fromkeys(METRIC_NAMES, None) | dict(vector_free)
-    metrics["concept_score"] = concept
-    metrics["concept_probe"] = _finite(probe.predict_proba(layer_mean)) if probe is not None and usable else None
-    metrics["overall"] = round(
-        overall_score(concept, metrics["perplexity"], metrics["distinct_2"], metrics["relevance"]), 6
-    )
-    return metrics
-
-
-def _axis_or_none(layer: int, target_mean: torch.Tensor, baseline_mean: torch.Tensor) -> ConceptAxis | None:
-    try:
-        return ConceptAxis.from_means(layer, target_mean, baseline_mean)
-    except ValueError as exc:
-        log.warning("no concept score: %s", exc)
-        return None
-
-
-def _cached_means(
-    config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    found = []
-    for prompt_set in (prompts.target, prompts.baseline):
-        cache = ActivationCache(config.cache_path, cache_key_for(loaded, config.read_position, prompt_set.data_source))
-        mean = cache.load_mean(prompt_set.subset, len(prompt_set.rows), config.layer, prompt_set.content_hash)
-        if mean is None:
-            return None
-        found.append(mean.mean_vector)
-    return found[0], found[1]

@@ -19,24 +19,19 @@ from typing import Any
 from chunky_utils.activations import subset_means
 from chunky_utils.baselines import VECTOR_FREE_METRICS, Baseline, BaselineCache
 from chunky_utils.collapse import collapse_reason, collapse_summary
+from chunky_utils.concept import concept_readers
 from chunky_utils.config import RunConfig
-from chunky_utils.data import PromptSet, default_prompt_set, load_prompt_set
+from chunky_utils.data import PreparedPrompts, default_prompt_set, load_prompt_set
 from chunky_utils.errors import UsageError
 from chunky_utils.generation import GenerationOutput, generate_with_scales
-from chunky_utils.metrics import RunMetrics, complete_metrics, concept_readers, score_texts, score_texts_and_means
+from chunky_utils.metric_summary import RunMetrics, complete_metrics
+from chunky_utils.metrics import score_texts, score_texts_and_means
 from chunky_utils.models import LoadedModel, check_layer, load_model, peek_n_layers
 from chunky_utils.results import guard_existing, results_path, write_results
 from chunky_utils.sampling import SAMPLER_NAME
 from chunky_utils.steering import SteeringVector, contrastive_vector
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PreparedPrompts:
-    target: PromptSet
-    baseline: PromptSet
-    inference: PromptSet
 
 
 @dataclass

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from chunky_utils.activations import SubsetMeans, output_hidden
-from chunky_utils.models import check_layer, find_decoder_layers
+from chunky_utils.models import LoadedModel, check_layer, find_decoder_layers
 from chunky_utils.options import STEER_POSITIONS
 
 
@@ -137,6 +137,40 @@ class SteeringVector:
             directions = {int(name.removeprefix("layer_")): handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
             metadata = json.loads((handle.metadata() or {}).get("metadata", "{}"))
         return cls(directions, metadata)
+
+
+def extract(
+    loaded: LoadedModel,
+    target_prompts: Sequence[str],
+    baseline_prompts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    read_position: str = "generation_prompt",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SteeringVector:
+    """Prompts in, vector out, no cache: `mean(target) - mean(baseline)` of the read token at each layer
+    (default: every layer). The cached path (`activations.subset_means`) gives the same numbers."""
+    from chunky_utils.activations import extract_last_token_activations
+
+    means = []
+    for prompts in (target_prompts, baseline_prompts):
+        if not prompts:
+            raise ValueError("extract needs at least one target and one baseline prompt")
+        activations, _ = extract_last_token_activations(
+            loaded.model, loaded.tokenizer, list(prompts), layers, batch_size, read_position, progress=progress
+        )
+        means.append(activations.mean(dim=0))
+    wanted = sorted(set(range(loaded.n_layers) if layers is None else layers))
+    directions = {layer: means[0][i] - means[1][i] for i, layer in enumerate(wanted)}
+    metadata = {
+        "n_target": len(target_prompts),
+        "n_baseline": len(baseline_prompts),
+        "read_position": read_position,
+        "model_fingerprint": loaded.fingerprint,
+        "target_norms": {layer: float(means[0][i].norm()) for i, layer in enumerate(wanted)},
+        "baseline_norms": {layer: float(means[1][i].norm()) for i, layer in enumerate(wanted)},
+    }
+    return SteeringVector(directions, metadata)
 
 
 def contrastive_vector(target: SubsetMeans, baseline: SubsetMeans) -> SteeringVector:

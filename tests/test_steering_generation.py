@@ -180,3 +180,21 @@ def test_packed_prefill_across_architectures(architecture: str) -> None:
         generate_with_scales(model, PROMPTS, 1, direction, [0.0, 2.0], s, progress=False) for s in settings
     )
     assert packed.texts == plain.texts
+
+
+def test_cache_free_extract_equals_the_cached_path(tiny: LoadedModel, tmp_path: Path) -> None:
+    from chunky_utils import contrastive_vector, extract, load_prompt_set, subset_means
+
+    target, baseline = load_prompt_set("12", 6, "bundled"), load_prompt_set("0", 6, "bundled")
+    direct = extract(tiny, target.prompts, baseline.prompts, layers=[1, 3], progress=False)
+    cached = contrastive_vector(
+        subset_means(tiny, target, [1, 3], tmp_path, progress=False),
+        subset_means(tiny, baseline, [1, 3], tmp_path, progress=False),
+    )
+    assert direct.layers == [1, 3]
+    for layer in (1, 3):
+        torch.testing.assert_close(direct.at(layer), cached.at(layer), rtol=1e-4, atol=1e-5)
+    settings = GenerationSettings(max_new_tokens=4, temperature=0.0)
+    by_vector = generate_with_scales(tiny, PROMPTS, 1, direct, [0.0, 3.0], settings, progress=False)
+    by_tensor = generate_with_scales(tiny, PROMPTS, 1, direct.at(1), [0.0, 3.0], settings, progress=False)
+    assert by_vector.texts == by_tensor.texts
