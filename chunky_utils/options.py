@@ -133,3 +133,31 @@ def parameters_cell(config_class: type, names: list[str], values: dict[str, Any]
         kind = "Optional[str]" if str(declaration.type) == "str | None" else str(declaration.type)
         lines.append(f"{declaration.name}: {kind} = {value!r}  # {declaration.metadata['help']}")
     return lines
+
+
+def sync_parameters_cell(path: str, config_class: type, check: bool = False) -> bool:
+    """Rewrite the declared options' lines of a notebook's `parameters` cell from the declarations, keeping each
+    line's value and every other line. Returns whether the cell already matched; with `check`, writes nothing."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        notebook = json.load(handle)
+    names = {f.name for f in declared(config_class)}
+    matched = True
+    for cell in notebook["cells"]:
+        if "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        lines = "".join(cell["source"]).split("\n")
+        for index, line in enumerate(lines):
+            name = line.split(":", 1)[0].strip()
+            if name in names and "=" in line and not line.startswith(" "):
+                value = eval(line.split("=", 1)[1].split("  #", 1)[0].strip(), {"None": None})  # noqa: S307
+                (generated,) = parameters_cell(config_class, [name], {name: value})
+                matched &= generated == line
+                lines[index] = generated
+        cell["source"] = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+    if not matched and not check:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(notebook, indent=1, ensure_ascii=False) + "\n")
+    return matched
+
