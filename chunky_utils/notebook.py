@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -154,3 +156,267 @@ def means_table(means: Mapping[str, SubsetMeans], layer: int) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------- your own prompts
+
+
+def typed_prompts(value: str | Sequence[str] | None) -> list[str]:
+    """Prompts from a text box (one per line) or a list: stripped, empty ones dropped."""
+    if value is None:
+        return []
+    lines = value.splitlines() if isinstance(value, str) else [str(item) for item in value]
+    return [line.strip() for line in lines if line.strip()]
+
+
+def prompts_file(prompts: Sequence[str], folder: Path | str) -> Path:
+    """A JSONL prompt file holding `prompts` (named by their content, so the same prompts reuse one file):
+    what `--inference-dataset` takes, so the CLI can rerun the same prompts."""
+    import hashlib
+    import json
+
+    from chunky_utils.cache import atomic_write_text
+
+    prompts = typed_prompts(prompts)
+    if not prompts:
+        raise UsageError("no prompts given: type at least one (one per line)")
+    lines = [json.dumps({"id": f"typed-{i}", "prompt": p}, ensure_ascii=False) for i, p in enumerate(prompts)]
+    text = "".join(line + "\n" for line in lines)
+    path = Path(folder) / f"typed_{hashlib.sha256(text.encode()).hexdigest()[:10]}.jsonl"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+    return path
+
+
+def with_typed_prompts(config: RunConfig, prompts: str | Sequence[str] | None) -> RunConfig:
+    """`config` generating for your own prompts (all of them, in order, none excluded as vector prompts);
+    unchanged when `prompts` is empty. The prompts go to `{output_dir}/prompts/typed_<hash>.jsonl`."""
+    found = typed_prompts(prompts)
+    if not found:
+        return config
+    path = prompts_file(found, Path(config.output_dir) / "prompts")
+    return config.with_changes(inference_dataset=str(path), inference_n_samples=-1, include_vector_prompts=True)
+
+
+# ---------------------------------------------------------------- the same run from the command line
+
+CLI_PROGRAM = "test_tulu_contrastive_steering"
+_CLI_SWITCHES = {
+    "include_vector_prompts": (True, "--include-vector-prompts"),
+    "trust_remote_code": (True, "--trust-remote-code"),
+    "overwrite": (True, "--overwrite"),
+    "metrics": (False, "--no-metrics"),
+    "reuse_baselines": (False, "--no-baseline-cache"),
+}
+_CLI_SKIPPED = frozenset({"progress"})  # a display setting: -q only quiets the log
+
+
+def cli_command(config: RunConfig, program: str = CLI_PROGRAM) -> str:
+    """The command line that runs `config`: the required flags, then every setting that is not the default."""
+    import dataclasses
+    import shlex
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    parts = [program]
+    for name in RunConfig.field_names():
+        value = getattr(config, name)
+        required = defaults[name] is dataclasses.MISSING
+        if name in _CLI_SKIPPED or (not required and value == defaults[name]):
+            continue
+        if name in _CLI_SWITCHES:
+            wanted, flag = _CLI_SWITCHES[name]
+            if bool(value) == wanted:
+                parts.append(flag)
+            continue
+        if value is None:
+            continue
+        parts += [f"--{name.replace('_', '-')}", shlex.quote(str(float(value) if name == "scale" else value))]
+    return " ".join(parts)
+
+
+# ---------------------------------------------------------------- scale guidance
+
+
+@dataclass(frozen=True)
+class ScaleBands:
+    """Bands of the relative magnitude (|scale| x vector norm / the layer's mean residual norm).
+
+    `subtle_below`: under it, fewer than half the steered answers change much from the baseline (difflib
+    change under CHANGED_AT); `collapse_from`: at and above it, at least half collapse (chunky_utils.collapse).
+    """
+
+    subtle_below: float
+    collapse_from: float
+    source: str
+
+    def band(self, relative: float) -> str:
+        if relative < self.subtle_below:
+            return "subtle"
+        if relative < self.collapse_from:
+            return "strong"
+        return "likely to collapse"
+
+
+CHANGED_AT = 0.5
+"""A steered answer counts as changed when 1 - difflib similarity to its baseline is at least this."""
+MIN_RUNS_FOR_BANDS = 6
+
+DEFAULT_BANDS = ScaleBands(
+    subtle_below=0.35,
+    collapse_from=1.5,
+    source="measured on SmolLM2-135M-Instruct (docs/scale_bands.md)",
+)
+"""What scripts/measure_scale_bands.py found on the embedded model (docs/scale_bands.md has the table)."""
+
+
+def run_strength_table(sources: Any, model_name: str | None = None) -> pd.DataFrame:
+    """One row per results file: relative magnitude, share of steered answers changed, share collapsed."""
+    import difflib
+
+    import pandas as pd
+
+    from chunky_utils.collapse import row_collapse
+    from chunky_utils.results import iter_results_files, read_results
+
+    paths = []
+    for source in [sources] if isinstance(sources, str | Path) else list(sources):
+        source = Path(source)
+        paths += list(iter_results_files(source)) if source.is_dir() else [source]
+    records = []
+    for path in paths:
+        try:
+            payload = read_results(path)
+        except UsageError:
+            continue
+        meta, rows = payload["metadata"], payload["results"]
+        if model_name is not None and meta.get("model_name") != model_name:
+            continue
+        norms = [meta.get("target_norm"), meta.get("baseline_norm")]
+        if not rows or meta.get("effective_magnitude") is None or any(not isinstance(n, int | float) for n in norms):
+            continue
+        mean_norm = (float(norms[0]) + float(norms[1])) / 2
+        changes = [
+            1 - difflib.SequenceMatcher(None, str(r.get("baseline") or ""), str(r.get("steered") or "")).ratio()
+            for r in rows
+        ]
+        records.append(
+            {
+                "path": str(path),
+                "model_name": meta.get("model_name"),
+                "layer": meta.get("layer"),
+                "scale": meta.get("scale"),
+                "relative_magnitude": abs(float(meta["effective_magnitude"])) / mean_norm if mean_norm else math.inf,
+                "changed_share": sum(c >= CHANGED_AT for c in changes) / len(rows),
+                "collapsed_share": sum(row_collapse(r, "steered") is not None for r in rows) / len(rows),
+                "n": len(rows),
+            }
+        )
+    return pd.DataFrame.from_records(
+        records,
+        columns=["path", "model_name", "layer", "scale", "relative_magnitude", "changed_share", "collapsed_share", "n"],
+    )
+
+
+def threshold(values: Sequence[float], positive: Sequence[bool]) -> float:
+    """The cut that best separates `positive` points (meant to lie at or above it) from the rest, halfway
+    (geometrically) between two measured values; inf when no point is positive, 0 when all are."""
+    points = sorted(zip(values, positive, strict=True))
+    if not any(positive):
+        return math.inf
+    if all(positive):
+        return 0.0
+    best_errors, best_cut = len(points) + 1, math.inf
+    for index in range(len(points) + 1):
+        errors = sum(flag for _, flag in points[:index]) + sum(not flag for _, flag in points[index:])
+        if errors < best_errors:
+            low = points[index - 1][0] if index > 0 else 0.0
+            high = points[index][0] if index < len(points) else math.inf
+            best_errors = errors
+            best_cut = math.sqrt(low * high) if low > 0 and math.isfinite(high) else (high if low <= 0 else low)
+    return best_cut
+
+
+def scale_bands(sources: Any, model_name: str | None = None, source: str | None = None) -> ScaleBands | None:
+    """Bands read from finished results (at least MIN_RUNS_FOR_BANDS files), else None."""
+    table = run_strength_table(sources, model_name)
+    if len(table) < MIN_RUNS_FOR_BANDS or table["relative_magnitude"].nunique() < 3:
+        return None
+    values = table["relative_magnitude"].tolist()
+    subtle = threshold(values, (table["changed_share"] >= 0.5).tolist())
+    collapse = threshold(values, (table["collapsed_share"] >= 0.5).tolist())
+    where = source or f"{len(table)} runs{f' of {model_name}' if model_name else ''}"
+    return ScaleBands(min(subtle, collapse), collapse, where)
+
+
+# ---------------------------------------------------------------- readable tables for the notebooks
+
+
+def example_prompts_html(prompt_sets: Mapping[str, PromptSet], n: int = 3, limit: int = 300) -> str:
+    """The first `n` drawn prompts of each subset (cut to `limit` characters), as a wrapped HTML table."""
+    import html
+
+    from chunky_utils.tables import CELL_STYLE, subset_title
+
+    rows = []
+    for subset, prompt_set in prompt_sets.items():
+        examples = "".join(
+            f'<li style="margin-bottom:4px">{html.escape(p if len(p) <= limit else p[: limit - 3] + "...")}</li>'
+            for p in prompt_set.prompts[:n]
+        )
+        rows.append(
+            f'<tr><td style="{CELL_STYLE};width:16em"><b>{html.escape(subset_title(subset))}</b><br>'
+            f'<span style="color:#666">{len(prompt_set.rows)} prompts, {html.escape(prompt_set.data_source)}</span>'
+            f'</td><td style="{CELL_STYLE}"><ol style="margin:0;padding-left:1.4em">{examples}</ol></td></tr>'
+        )
+    return (
+        '<table class="chunky-examples" style="table-layout:fixed;width:100%;border-collapse:collapse;font-size:13px">'
+        f'<thead><tr><th style="{CELL_STYLE}">subset</th><th style="{CELL_STYLE}">first {n} drawn prompts</th>'
+        f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def per_layer_table(frame: pd.DataFrame, experiment: str | None = None) -> pd.DataFrame:
+    """Per layer: the best scale (with its concept delta and perplexity), where fluency collapses, and a note
+    saying why a layer has no best scale instead of leaving a row of NaN."""
+    import pandas as pd
+
+    from chunky_utils.metric_views import best_scale_per_layer, collapse_scale_per_layer, layer_scale_summary
+
+    summary = layer_scale_summary(frame, experiment)
+    best = best_scale_per_layer(frame, experiment).set_index("layer")
+    collapse = collapse_scale_per_layer(frame, experiment).set_index("layer")
+    records = []
+    for layer, cells in summary.groupby("layer", sort=True):
+        steered = cells[cells["scale"] != 0.0]
+        row = best.loc[layer]
+        found = not pd.isna(row["best_scale"])
+        if found:
+            note = ""
+        elif not steered.empty and steered["collapsed"].all():
+            note = "every steered scale collapsed (✕)"
+        elif steered["concept_delta"].isna().all():
+            note = "no concept scores (every answer empty, or run with --no-metrics)"
+        else:
+            note = "no scale that kept fluency raised the concept above the baseline"
+        positive, negative = collapse.loc[layer, "collapse_scale"], collapse.loc[layer, "collapse_scale_negative"]
+        records.append(
+            {
+                "layer": int(layer),
+                "best scale": float(row["best_scale"]) if found else None,
+                "concept delta there": float(row["concept_delta"]) if found else None,
+                "perplexity there": float(row["perplexity"]) if found else None,
+                "collapses from scale": (
+                    f"{positive:g}" if not pd.isna(positive) else f"none up to {steered['scale'].max():g}"
+                )
+                if (steered["scale"] > 0).any()
+                else "no positive scale run",
+                "collapses from negative scale": (
+                    f"{negative:g}" if not pd.isna(negative) else f"none down to {steered['scale'].min():g}"
+                )
+                if (steered["scale"] < 0).any()
+                else "no negative scale run",
+                "note": note,
+            }
+        )
+    return pd.DataFrame.from_records(records)

@@ -60,13 +60,26 @@ def setup_offline_plotly() -> str:
 
 
 def layer_norms_figure(means: Mapping[str, SubsetMeans], vector: SteeringVector | None = None) -> go.Figure:
-    """Norm of each subset's mean per layer, and of the contrastive vector when given."""
+    """Norm of each subset's mean per layer (distinct dash and marker per subset, so lines that coincide stay
+    visible), the contrastive vector's norm, and below it the vector's norm as a share of the mean norm of the
+    target and baseline means: how far one unit of scale moves the residual stream."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     if not means:
         raise UsageError("layer_norms_figure needs at least one subset")
-    fig = go.Figure()
-    for subset, subset_mean in means.items():
+    rows = 2 if vector is not None else 1
+    fig = make_subplots(
+        rows=rows,
+        cols=1,
+        shared_xaxes=True,
+        row_heights=[0.65, 0.35] if rows == 2 else [1.0],
+        vertical_spacing=0.08,
+        subplot_titles=["L2 norm", "vector norm / mean norm of target and baseline means"][:rows],
+    )
+    dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+    symbols = ["circle", "diamond", "square", "triangle-up", "x", "star"]
+    for index, (subset, subset_mean) in enumerate(means.items()):
         layers = sorted(subset_mean.means)
         fig.add_trace(
             go.Scatter(
@@ -74,7 +87,12 @@ def layer_norms_figure(means: Mapping[str, SubsetMeans], vector: SteeringVector 
                 y=[subset_mean.means[layer].norm for layer in layers],
                 mode="lines+markers",
                 name=f"mean of {subset_title(subset)}",
-            )
+                line={"dash": dashes[index % len(dashes)], "width": 4 if index == 0 else 2},
+                marker={"symbol": symbols[index % len(symbols)], "size": 9 if index == 0 else 6},
+                opacity=0.55 if index == 0 else 0.9,
+            ),
+            row=1,
+            col=1,
         )
     if vector is not None:
         meta = vector.metadata
@@ -85,15 +103,36 @@ def layer_norms_figure(means: Mapping[str, SubsetMeans], vector: SteeringVector 
                 y=[vector.norm(layer) for layer in vector.layers],
                 mode="lines+markers",
                 name=name,
-                line={"dash": "dash", "width": 3},
-            )
+                line={"dash": "dash", "width": 3, "color": "black"},
+            ),
+            row=1,
+            col=1,
         )
+        shares = [
+            vector.norm(layer) / ((meta["target_norms"][layer] + meta["baseline_norms"][layer]) / 2)
+            for layer in vector.layers
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=vector.layers,
+                y=shares,
+                mode="lines+markers",
+                name="vector norm / mean norm",
+                line={"color": "black"},
+                hovertemplate="layer %{x}: %{y:.1%}<extra></extra>",
+            ),
+            row=2,
+            col=1,
+        )
+        fig.update_yaxes(tickformat=".0%", row=2, col=1)
     fig.update_layout(
         title="Norm per layer: subset means and the contrastive vector",
-        xaxis_title="layer",
-        yaxis_title="L2 norm",
         legend_title="",
+        hovermode="x unified",
+        height=620 if rows == 2 else 450,
     )
+    fig.update_xaxes(title_text="layer", row=rows, col=1)
+    fig.update_yaxes(title_text="L2 norm", row=1, col=1)
     return fig
 
 
@@ -123,14 +162,25 @@ def cosine_heatmap_figure(means: Mapping[str, SubsetMeans], layer: int, center: 
             x=labels,
             y=labels,
             colorscale="RdBu",
-            zmid=0 if center else None,
-            texttemplate="%{z:.2f}" if len(labels) <= 8 else None,
-            colorbar={"title": "cosine"},
+            zmin=-1.0,
+            zmax=1.0,
+            zmid=0.0,
+            texttemplate="%{z:.3f}" if len(labels) <= 8 else None,
+            hovertemplate="%{y} vs %{x}: cosine %{z:.4f}<extra></extra>",
+            colorbar={"title": "cosine", "tickvals": [-1, -0.5, 0, 0.5, 1]},
         )
     )
-    what = "centred subset means" if center else "subset means"
+    off_diagonal = [v for i, row in enumerate(similarity) for j, v in enumerate(row) if i != j]
+    spread = f"off-diagonal {min(off_diagonal):.3f} to {max(off_diagonal):.3f}" if off_diagonal else ""
+    if center:
+        what, note = "centred subset means", "the mean over these subsets removed first, so their differences show"
+    else:
+        what = "subset means"
+        note = "raw means share a large common part, so all are alike; the centred view shows how they differ"
     fig.update_layout(
-        title=f"Cosine similarity of {what} at layer {layer}",
+        title={
+            "text": f"Cosine similarity of {what} at layer {layer}<br><sup>{spread}; fixed range -1..1; {note}</sup>"
+        },
         yaxis={"autorange": "reversed"},
         height=max(420, 28 * len(labels) + 160),
     )
@@ -153,8 +203,19 @@ def pca_2d(matrix: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
     return coordinates, shares
 
 
-def pca_figure(activations: Mapping[str, torch.Tensor], layer: int) -> go.Figure:
-    """2-D PCA of per-prompt activations ([n, hidden] per subset) at one layer, coloured by subset."""
+def hover_text(text: str, width: int = 60, limit: int = 300) -> str:
+    """A prompt for a plotly tooltip: cut to `limit` characters, broken into lines of about `width`."""
+    import textwrap
+
+    short = text if len(text) <= limit else text[: limit - 3] + "..."
+    return "<br>".join(textwrap.wrap(short.replace("\n", " "), width)) or "(empty)"
+
+
+def pca_figure(
+    activations: Mapping[str, torch.Tensor], layer: int, prompts: Mapping[str, Sequence[str]] | None = None
+) -> go.Figure:
+    """2-D PCA of per-prompt activations ([n, hidden] per subset) at one layer, coloured by subset; with
+    `prompts` (the texts per subset, in the same order) hovering a point shows its prompt."""
     import plotly.graph_objects as go
 
     if not activations:
@@ -165,6 +226,8 @@ def pca_figure(activations: Mapping[str, torch.Tensor], layer: int) -> go.Figure
     for subset, block in activations.items():
         points = coordinates[start : start + block.shape[0]]
         start += block.shape[0]
+        texts = list((prompts or {}).get(subset, []))
+        hover = [hover_text(t) for t in texts] if len(texts) == block.shape[0] else None
         fig.add_trace(
             go.Scatter(
                 x=points[:, 0].tolist(),
@@ -172,6 +235,8 @@ def pca_figure(activations: Mapping[str, torch.Tensor], layer: int) -> go.Figure
                 mode="markers",
                 name=subset_title(subset),
                 marker={"size": 7, "opacity": 0.8},
+                hovertext=hover,
+                hovertemplate=(f"<b>{subset_title(subset)}</b><br>%{{hovertext}}<extra></extra>" if hover else None),
             )
         )
     fig.update_layout(
@@ -242,3 +307,151 @@ def response_length_figure(frame: pd.DataFrame, unit: str = "words") -> go.Figur
 def metric_figures(frame: pd.DataFrame, names: Sequence[str] | None = None) -> list[go.Figure]:
     """One trend figure per metric the rows carry (none when there are none)."""
     return [trend_figure(frame, name) for name in (names if names is not None else metric_names(frame))]
+
+
+# ---------------------------------------------------------------- a sweep's overview page
+
+OVERVIEW_HIGHER_IS_BETTER: dict[str, int] = {
+    "concept_score": 1,
+    "concept_probe": 1,
+    "overall": 1,
+    "relevance": 1,
+    "distinct_2": 1,
+    "perplexity": -1,
+}
+"""For `delta.<metric>`: +1 where a rise is better, -1 where it is worse; others are shown without a verdict."""
+_OVERVIEW_ORDER = ("concept_score", "concept_probe", "overall", "relevance", "distinct_2", "perplexity")
+
+
+def overview_measures(frame: pd.DataFrame) -> list[str]:
+    """The sweep overview's measures, each once: the metric deltas (concept first), then the text change."""
+    found = [str(c) for c in frame.columns if str(c).startswith("delta.")]
+    found = list(dict.fromkeys(found))
+    rank = {f"delta.{name}": index for index, name in enumerate(_OVERVIEW_ORDER)}
+    found.sort(key=lambda column: (rank.get(column, len(rank)), column))
+    return found + (["text_change"] if "text_change" in frame.columns else [])
+
+
+def overview_label(measure: str) -> str:
+    """'concept score, steered - baseline (higher is better)' for a measure column."""
+    if measure == "text_change":
+        return "text change from the baseline (0 same, 1 all different)"
+    name = measure.removeprefix("delta.")
+    verdict = {1: " (higher is better)", -1: " (lower is better)"}.get(OVERVIEW_HIGHER_IS_BETTER.get(name, 0), "")
+    return f"{name.replace('_', ' ')}, steered - baseline{verdict}"
+
+
+def _panel_label(value: Any) -> str:
+    missing = value is None or (isinstance(value, float) and value != value)
+    return "None" if missing else str(value)
+
+
+def sweep_overview_figure(frame: pd.DataFrame) -> go.Figure:
+    """Layer x scale heatmaps of a sweep summary (one row per point and prompt; `chunky_utils.sweep.summarize`),
+    a panel per pair and inference set, and a row of buttons choosing the measure. Each measure has one
+    colour bar shared by all panels; deltas diverge around 0 with blue where the change is better and red
+    where it is worse; empty cells read 'n/a'."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    measures = overview_measures(frame)
+    if not measures:
+        raise UsageError("the sweep summary has no delta.<metric> or text_change column to show")
+    keys = ["target_subset", "baseline_subset", "inference_dataset", "inference_n_samples"]
+    frame = frame.assign(**{key: frame[key].map(_panel_label) for key in keys if key in frame.columns})
+    keys = [key for key in keys if key in frame.columns]
+    panels = list(frame.groupby(keys, sort=False, dropna=False))
+    titles = []
+    for key, _ in panels:
+        values = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        dataset = values.get("inference_dataset", "None")
+        prompts = "built-in prompts" if dataset == "None" else f"{dataset} x {values.get('inference_n_samples')}"
+        titles.append(
+            f"{subset_title(values.get('target_subset'))} vs {subset_title(values.get('baseline_subset'))} on {prompts}"
+        )
+    figure = make_subplots(rows=len(panels), cols=1, subplot_titles=titles, vertical_spacing=0.12 / len(panels))
+    axes: dict[str, Any] = {}
+    for index, measure in enumerate(measures):
+        axis = "coloraxis" if index == 0 else f"coloraxis{index + 1}"
+        tables = [
+            part.pivot_table(index="layer", columns="scale", values=measure, aggfunc="mean")
+            .sort_index()
+            .sort_index(axis=1)
+            for _, part in panels
+        ]
+        finite = [float(v) for table in tables for v in table.to_numpy().ravel() if v == v]
+        direction = OVERVIEW_HIGHER_IS_BETTER.get(measure.removeprefix("delta."), 0)
+        spec: dict[str, Any] = {
+            "colorbar": {"title": {"text": overview_label(measure).replace(" (", "<br>(")}, "len": 0.9},
+            "showscale": index == 0,
+        }
+        if measure == "text_change":
+            spec |= {"colorscale": "Greys", "cmin": 0.0, "cmax": 1.0}
+        else:
+            reach = max((abs(v) for v in finite), default=1.0) or 1.0
+            colours = {1: "RdBu", -1: "RdBu_r"}.get(direction, "PiYG")
+            spec |= {"colorscale": colours, "cmin": -reach, "cmax": reach}
+        axes[axis] = spec
+        for row, table in enumerate(tables, start=1):
+            z = table.to_numpy()
+            figure.add_trace(
+                go.Heatmap(
+                    z=z,
+                    x=[f"scale {scale:g}" for scale in table.columns],
+                    y=[f"layer {layer}" for layer in table.index],
+                    coloraxis=axis,
+                    text=[["n/a" if v != v else f"{v:.3g}" for v in line] for line in z],
+                    texttemplate="%{text}",
+                    hovertemplate=f"%{{y}}, %{{x}}<br>{overview_label(measure)}: %{{text}}<extra></extra>",
+                    visible=index == 0,
+                    name=measure,
+                ),
+                row=row,
+                col=1,
+            )
+    n_panels = len(panels)
+    buttons = []
+    for index, measure in enumerate(measures):
+        visible = [m == measure for m in measures for _ in range(n_panels)]
+        shown = {
+            f"{'coloraxis' if i == 0 else f'coloraxis{i + 1}'}.showscale": i == index for i in range(len(measures))
+        }
+        buttons.append(
+            {
+                "label": overview_label(measure).split(" (")[0].replace(", steered - baseline", " change"),
+                "method": "update",
+                "args": [{"visible": visible}, {"title.text": _overview_title(measure), **shown}],
+            }
+        )
+    figure.update_layout(
+        title={"text": _overview_title(measures[0])},
+        updatemenus=[
+            {
+                "type": "buttons",
+                "direction": "right",
+                "buttons": buttons,
+                "showactive": True,
+                "x": 0.0,
+                "xanchor": "left",
+                "y": 1.0,
+                "yanchor": "bottom",
+                "pad": {"b": 40},
+            }
+        ],
+        margin={"t": 150},
+        height=max(420, 330 * n_panels + 120),
+        **axes,
+    )
+    return figure
+
+
+def _overview_title(measure: str) -> str:
+    return f"Sweep overview: mean {overview_label(measure)} per layer and scale"
+
+
+def sweep_overview_html(frame: pd.DataFrame, title: str = "Sweep overview") -> str:
+    """`sweep_overview_figure` as a whole offline page (plotly.js inline) with a page title."""
+    import html as html_module
+
+    page = sweep_overview_figure(frame).to_html(include_plotlyjs=True, full_html=True)
+    return page.replace("<head>", f"<head><title>{html_module.escape(title)}</title>", 1)

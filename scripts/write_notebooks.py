@@ -30,9 +30,10 @@ EXTRACT_VECTORS: list[Cell] = [
         """# 01 · Extract vectors
 
 The mean residual-stream activation of each subset, at every layer, on the last prompt token: computed once and
-kept in the activation cache (the CLI reads the same files), then looked at three ways: the norm of each mean and
-of the contrastive vector per layer, the cosine similarity between subset means at one layer, and a 2-D PCA of
-single prompts coloured by subset.
+kept in the activation cache (the CLI reads the same files), then looked at: a few prompts of each subset, the norm
+of each mean and of the contrastive vector per layer (and the vector's norm as a share of the mean norm, which is
+what one unit of scale moves), the cosine similarity between subset means at one layer, raw and centred, and a
+2-D PCA of single prompts coloured by subset (hover a point for its prompt).
 
 Headless: `papermill notebooks/01_extract_vectors.ipynb /tmp/01.ipynb -p layer 10 -p all_subsets True`
 (`papermill --help-notebook notebooks/01_extract_vectors.ipynb` lists the parameters).""",
@@ -48,8 +49,8 @@ all_subsets: bool = False  # compare all 19 Tulu subsets (each extracted once, t
 n_samples: int = 100  # prompts per subset (-1 for all)
 data_source: str = "auto"  # auto (hub when reachable, else the bundled sample), hub or bundled
 cache_dir: str = "cache"  # activation cache shared with the CLI; relative paths start at the project root
-layer: int = 16  # layer of the heatmap and the PCA, 0..n_layers-1
-center_heatmap: bool = False  # subtract the mean over the subsets before the cosine similarity
+layer: int = 16  # layer of the heatmaps and the PCA, 0..n_layers-1
+n_examples: int = 3  # example prompts shown per subset
 read_position: str = "generation_prompt"  # read after the assistant header, or user_end
 seed: int = 0  # seed of the prompt draw
 device: str = "auto"  # auto, cpu or cuda
@@ -57,9 +58,12 @@ vector_path: str = ""  # also save the contrastive vector (every layer) as safet
     ),
     (
         "code",
-        """from chunky_utils.models import check_layer, load_model
+        """from IPython.display import HTML, display
+
+from chunky_utils.models import check_layer, load_model
 from chunky_utils.notebook import (
     all_layer_means,
+    example_prompts_html,
     load_prompt_sets,
     means_table,
     prompt_activations,
@@ -79,7 +83,8 @@ print(f"relative paths start at {use_project_root()}")""",
 check_layer(loaded.model, layer)
 subsets = subsets_to_compare(target_subset, baseline_subset, extra_subsets, all_subsets)
 prompt_sets = load_prompt_sets(subsets, n_samples, data_source, seed)
-print(f"{loaded.name}: {loaded.n_layers} layers, hidden size {loaded.hidden_size}; subsets {', '.join(subsets)}")""",
+print(f"{loaded.name}: {loaded.n_layers} layers, hidden size {loaded.hidden_size}; subsets {', '.join(subsets)}")
+display(HTML(example_prompts_html(prompt_sets, n_examples)))""",
     ),
     (
         "md",
@@ -98,14 +103,20 @@ means_table(means, layer)""",
     ),
     ("md", "## Norms per layer"),
     ("code", "layer_norms_figure(means, vector).show()"),
-    ("md", "## How alike are the subset means?"),
-    ("code", "cosine_heatmap_figure(means, layer, center=center_heatmap).show()"),
+    (
+        "md",
+        """## How alike are the subset means?
+
+Raw means point almost the same way (every cosine near 1: they share a large common component), so the second
+map subtracts the mean over the subsets shown first; both use the full -1..1 colour range.""",
+    ),
+    ("code", "cosine_heatmap_figure(means, layer).show()\ncosine_heatmap_figure(means, layer, center=True).show()"),
     ("md", "## Single prompts: 2-D PCA at the chosen layer"),
     (
         "code",
         """activations = {subset: prompt_activations(loaded, prompt_set, layer, cache_dir, read_position)
                for subset, prompt_set in prompt_sets.items()}
-pca_figure(activations, layer).show()""",
+pca_figure(activations, layer, {subset: ps.prompts for subset, ps in prompt_sets.items()}).show()""",
     ),
 ]
 
@@ -116,9 +127,18 @@ STEERING_PLAYGROUND: list[Cell] = [
         """# 02 · Steering playground
 
 Pick a layer and a scale with the sliders, a target, a baseline and the prompts with the dropdowns, and press
-**Generate**: baseline and steered answers appear side by side, differences highlighted, with the vector's norm
-and effective magnitude (scale x norm). The vector of every layer comes from the activation cache, so moving a
-slider costs only generation. **Save JSON** writes the current settings where the CLI would.
+**Generate**: baseline and steered answers appear side by side, word differences marked where the answers are
+alike, collapsed answers badged. Type your own prompts (one per line) or pick a subset. While it runs a progress
+bar gives the stage and the time left, and **Stop** ends it within one step.
+
+- Next to the scale: the effective magnitude as a share of the layer's mean residual norm, with its band (subtle,
+  strong, likely to collapse; measured, see docs/scale_bands.md). Beside the controls: the next-token preview,
+  unsteered vs steered, with their KL divergence, updated as the sliders move.
+- **Tokens** tab: every generated token coloured by its residual stream at the steered layer projected on the
+  steering direction (read while generating; hover for the value).
+- **Grid** tab: a few prompts at several layers x scales in one batched generation, with collapse badges.
+- **Save JSON** writes where the CLI would; **Export CSV/HTML** the table; **CLI command** the same run as a
+  command line.
 
 Headless, papermill runs the parameters below once and writes the seed-format results JSON:
 `papermill notebooks/02_steering_playground.ipynb /tmp/02.ipynb -p layer 10 -p scale 4.0`.""",
@@ -144,13 +164,14 @@ output_dir: str = "results"  # results root; relative paths start at the project
 cache_dir: Optional[str] = None  # activation cache; None for cache/ (or output_dir/dataset_cache), as in the CLI
 device: str = "auto"  # auto, cpu or cuda
 write_results: bool = True  # run these parameters once and write the seed-format results JSON
-overwrite: bool = False  # replace a result made with other settings""",
+overwrite: bool = False  # replace a result made with other settings
+prompts: list[str] = []  # your own test prompts, one string each; non-empty replaces inference_dataset""",
     ),
     (
         "code",
         """from IPython.display import display
 
-from chunky_utils.notebook import config_from_parameters, use_project_root
+from chunky_utils.notebook import config_from_parameters, use_project_root, with_typed_prompts
 from chunky_utils.pipeline import load_run_model, run_experiment
 from chunky_utils.tables import outcome_payload, side_by_side
 from chunky_utils.widgets import SteeringPlayground
@@ -161,6 +182,7 @@ print(f"relative paths start at {use_project_root()}")""",
     (
         "code",
         """config = config_from_parameters(globals(), progress=False)  # the parameters above, as a RunConfig
+config = with_typed_prompts(config, prompts)  # your prompts, when given, as a prompt file the CLI can read too
 loaded = load_run_model(config)
 print(f"{loaded.name}: {loaded.n_layers} layers, hidden size {loaded.hidden_size}")""",
     ),
@@ -182,7 +204,7 @@ settings is reused).""",
     ("md", "## Playground"),
     (
         "code",
-        """playground = SteeringPlayground(loaded, config)
+        """playground = SteeringPlayground(loaded, config, prompts=prompts)
 if write_results:
     playground.show_payload(payload, config)
 playground""",
@@ -214,13 +236,8 @@ right: str = ""  # viewer's right side, the same way; empty for the second confi
         """from chunky_utils.notebook import use_project_root
 from chunky_utils.plots import metric_figures, response_length_figure, setup_offline_plotly
 from chunky_utils.tables import load_results_frame, metric_names, summarize_configs
-from chunky_utils.metric_views import (
-    best_scale_per_layer,
-    collapse_scale_per_layer,
-    experiments,
-    metric_heatmaps,
-    metrics_frame,
-)
+from chunky_utils.metric_views import experiments, metric_heatmaps, metrics_frame
+from chunky_utils.notebook import per_layer_table
 from chunky_utils.widgets import ComparisonViewer, MetricCellBrowser
 from chunky_utils.sweep import read_summary
 from IPython.display import display
@@ -256,9 +273,10 @@ for figure in metric_figures(frame, metrics):
         "md",
         """## Layer x scale maps
 
-Where the rows carry metrics: per experiment, heatmaps of the concept delta (steered minus baseline) and of
-the steered perplexity, the best scale per layer (★), the scale at which fluency collapses (✕), and a
-dropdown from any cell to its texts.""",
+Where the rows carry metrics: per experiment (named in each title), heatmaps of the concept delta (steered minus
+baseline) and of the steered perplexity, blue where better and red where worse, the best scale per layer (★),
+the cells where fluency collapsed (✕; "n/a" where nothing could be scored), a table per layer that says why a
+layer has no best scale, and a dropdown from any cell to its texts (10 prompts a page).""",
     ),
     (
         "code",
@@ -267,7 +285,7 @@ scored = [] if scores.empty else experiments(scores[scores["delta_concept_score"
 print(f"scored experiments: {', '.join(scored) if scored else 'none (runs made with --no-metrics)'}")
 for experiment in scored:
     metric_heatmaps(scores, experiment=experiment).show()
-    display(best_scale_per_layer(scores, experiment), collapse_scale_per_layer(scores, experiment))""",
+    display(per_layer_table(scores, experiment).fillna("-"))""",
     ),
     ("code", "MetricCellBrowser(scores, scored[0]) if scored else None"),
     (
@@ -275,7 +293,7 @@ for experiment in scored:
         """## Side by side
 
 Each dropdown picks a config and whether to show its baseline or its steered answers; rows are matched by
-prompt.""",
+prompt, 10 a page. It opens on the two configs that share the most prompts.""",
     ),
     ("code", "ComparisonViewer(frame, left or None, right or None)"),
 ]

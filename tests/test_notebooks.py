@@ -76,6 +76,38 @@ def assert_offline_plotly(notebook: Any) -> None:
     assert not any(re.search(r"<script[^>]+src=", part) for part in html_parts), "no script loaded from elsewhere"
 
 
+def test_no_notebook_in_git_holds_outputs(tmp_path: Path) -> None:
+    """Every tracked notebook is committed clean, and the git filter `make install` sets strips an executed one
+    back to exactly the committed text."""
+    import subprocess
+    import sys
+
+    strip = REPO_ROOT / "scripts" / "strip_notebook_outputs.py"
+    tracked = subprocess.run(
+        ["git", "ls-files", "*.ipynb"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "notebooks/04_sweep_point.ipynb" in tracked
+    for name in tracked:
+        committed = subprocess.run(
+            ["git", "show", f"HEAD:{name}"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+        ).stdout
+        path = tmp_path / Path(name).name
+        path.write_text(committed or (REPO_ROOT / name).read_text(encoding="utf-8"), encoding="utf-8")
+        check = subprocess.run([sys.executable, str(strip), "--check", str(path)], capture_output=True, text=True)
+        assert check.returncode == 0, f"{name} was committed with outputs: {check.stdout}"
+    executed = nbformat.read(NOTEBOOKS / "02_steering_playground.ipynb", as_version=4)
+    executed.cells[1].outputs = [nbformat.v4.new_output("stream", text="ran\n")]
+    executed.cells[1].execution_count = 3
+    executed.metadata["widgets"] = {WIDGET_STATE_MIME: {"state": {}}}
+    cleaned = subprocess.run(
+        [sys.executable, str(strip)], input=nbformat.writes(executed) + "\n", capture_output=True, text=True, check=True
+    ).stdout
+    assert cleaned == (NOTEBOOKS / "02_steering_playground.ipynb").read_text(encoding="utf-8")
+    attributes = (REPO_ROOT / ".gitattributes").read_text(encoding="utf-8")
+    assert "*.ipynb filter=chunky-strip" in attributes
+    assert "filter.chunky-strip.clean" in (REPO_ROOT / "Makefile").read_text(encoding="utf-8")
+
+
 def test_committed_notebooks_have_no_outputs_and_documented_parameters() -> None:
     for name in OURS:
         notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -114,12 +146,19 @@ def test_extract_vectors_notebook_caches_means_and_draws_all_three_views(tmp_pat
 
     assert SteeringVector.load(vector_path).layers == [0, 1, 2, 3]
     assert "4 layers" in printed(notebook) and f"saved to {vector_path}" in printed(notebook)
-    norms, heatmap, pca = figures(notebook)
-    assert len(norms["data"]) == 20 and norms["data"][-1]["name"] == "vector 12 - 0"
-    assert norms["data"][0]["x"] == [0, 1, 2, 3]
+    norms, heatmap, centred, pca = figures(notebook)
+    assert len(norms["data"]) == 21 and norms["data"][-2]["name"] == "vector 12 - 0"
+    assert norms["data"][-1]["name"] == "vector norm / mean norm" and norms["data"][0]["x"] == [0, 1, 2, 3]
     assert len(heatmap["data"][0]["z"]) == 19 and len(heatmap["data"][0]["z"][0]) == 19
     assert "layer 2" in heatmap["layout"]["title"]["text"]
+    assert (heatmap["data"][0]["zmin"], heatmap["data"][0]["zmax"]) == (-1, 1), "the full cosine range"
+    assert "centred" in centred["layout"]["title"]["text"]
     assert len(pca["data"]) == 19 and all(len(trace["x"]) == 2 for trace in pca["data"])
+    assert all(len(trace["hovertext"]) == 2 for trace in pca["data"]), "hover shows each prompt"
+    examples = [
+        o["data"]["text/html"] for o in outputs(notebook) if "chunky-examples" in o.get("data", {}).get("text/html", "")
+    ]
+    assert len(examples) == 1 and examples[0].count("<li") == 19 * 2, "example prompts of each subset"
     assert_offline_plotly(notebook)
 
 
@@ -144,6 +183,7 @@ def test_playground_notebook_headless_writes_seed_format_results(tmp_path: Path)
     )
     path = results / "12_0" / "layer_2_scale_3.0" / "out_5_2.json"
     payload = read_results(path)
+    assert "Showing the batch run: layer 2, scale 3" in widget_state_text(notebook)
     meta = payload["metadata"]
     assert (meta["target_subset"], meta["baseline_subset"], meta["layer"], meta["scale"]) == ("12", "0", 2, 3.0)
     assert meta["effective_magnitude"] == pytest.approx(3.0 * meta["contrastive_vector_norm"])
@@ -160,6 +200,31 @@ def test_playground_notebook_headless_writes_seed_format_results(tmp_path: Path)
     assert any(WIDGET_VIEW_MIME in o.get("data", {}) for o in outputs(notebook)), "the playground is displayed"
     state = widget_state_text(notebook)
     assert "chunky-side-by-side" in state and "Generate" in state, "the playground shows the batch run"
+
+
+def test_playground_notebook_takes_your_own_prompts(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    mine = ["Name a bird that cannot fly.", "What is 2 + 2?"]
+    notebook = execute(
+        "02_steering_playground.ipynb",
+        tmp_path,
+        {
+            **TINY,
+            "layer": 1,
+            "scale": 2,
+            "n_samples": 4,
+            "max_tokens": 4,
+            "temperature": 0.0,
+            "output_dir": str(results),
+            "prompts": mine,
+        },
+    )
+    (path,) = (results / "12_0" / "layer_1_scale_2.0").glob("out_typed_*_-1.json")
+    payload = read_results(path)
+    assert [row["prompt"] for row in payload["results"]] == mine
+    assert payload["metadata"]["inference_sampling"]["method"] == "all rows, in file order"
+    state = widget_state_text(notebook)
+    assert "your prompts (typed below)" in state and "Name a bird that cannot fly." in state
 
 
 FLUENT = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8}
@@ -211,6 +276,13 @@ def test_compare_notebook_loads_every_result_and_plots_length_and_metrics(tmp_pa
     concept_map = heatmaps["data"][0]
     assert concept_map["z"] == [[pytest.approx(0.1), pytest.approx(0.2)]] * 2, "concept delta by layer and scale"
     assert "layer 1, scale 1" in widget_state_text(notebook), "the cell dropdown lists the cells"
+    assert heatmaps["layout"]["title"]["text"].startswith("12_0/out_5_3.json"), "the experiment is named"
+    per_layer = next(
+        o["data"]["text/html"]
+        for o in outputs(notebook)
+        if "collapses from scale" in o.get("data", {}).get("text/html", "")
+    )
+    assert "NaN" not in per_layer and "note" in per_layer
     assert "Response length (words)" in length["layout"]["title"]["text"]
     steered = [trace for trace in length["data"] if trace["line"]["dash"] == "solid"]
     assert [trace["name"] for trace in steered] == ["12_0 layer 1", "12_0 layer 2"]

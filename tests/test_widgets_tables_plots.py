@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +46,7 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
 from chunky_utils import plots  # noqa: E402
-from chunky_utils.widgets import BUILTIN_PROMPTS, ComparisonViewer, SteeringPlayground  # noqa: E402
+from chunky_utils.widgets import BUILTIN_PROMPTS, TYPED_PROMPTS, ComparisonViewer, SteeringPlayground  # noqa: E402
 
 
 def tiny_config(tmp_path: Path, **changes: Any) -> RunConfig:
@@ -106,6 +108,7 @@ def test_generate_then_moving_sliders_costs_only_generation(
 ) -> None:
     playground = SteeringPlayground(tiny, tiny_config(tmp_path))
     playground.generate_button.click()
+    assert playground.wait(120)
     assert playground.last_error is None, playground.last_error
     assert playground.last_vector_source == "extracted" and count_extractions == [6, 6]
     first = playground.last_payload
@@ -113,12 +116,13 @@ def test_generate_then_moving_sliders_costs_only_generation(
     assert "chunky-side-by-side" in playground.table.value
     assert html.escape(first["results"][0]["prompt"]) in playground.table.value
     assert "vector norm" in playground.table.value and "effective magnitude" in playground.table.value
-    assert playground.status.value.startswith("Generated: layer 2, scale 4")
+    assert playground.status.value.startswith("Run 1: generated layer 2, scale 4")
 
     playground.layer_slider.value = 1
     playground.scale_slider.value = -6.0
     assert "Settings changed" in playground.status.value
     playground.generate_button.click()
+    assert playground.wait(120)
     assert playground.last_error is None and playground.last_vector_source == "memory"
     assert count_extractions == [6, 6], "a slider move must not extract again"
     meta = playground.last_payload["metadata"]
@@ -129,6 +133,7 @@ def test_generate_then_moving_sliders_costs_only_generation(
 
     fresh = SteeringPlayground(tiny, tiny_config(tmp_path, layer=3))
     fresh.generate_button.click()
+    assert fresh.wait(120)
     assert fresh.last_vector_source == "cache" and count_extractions == [6, 6], "other layers are cache hits"
 
 
@@ -159,6 +164,7 @@ def test_playground_save_writes_what_the_cli_writes(tiny: LoadedModel, tmp_path:
 def test_playground_shows_bad_input_instead_of_raising(tiny: LoadedModel, tmp_path: Path) -> None:
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, n_samples=500))
     playground.generate_button.click()
+    assert playground.wait(60)
     assert playground.last_error is not None and "only 160 are available" in playground.last_error
     assert "error:" in playground.status.value and not playground.generate_button.disabled
     playground.save_button.click()
@@ -334,11 +340,18 @@ def test_layer_norms_figure_has_a_line_per_subset_and_the_vector(nineteen_subset
     means = {key: nineteen_subsets["means"][key] for key in ("12", "0")}
     vector = contrastive_vector(means["12"], means["0"])
     fig = plots.layer_norms_figure(means, vector)
-    assert [trace.name for trace in fig.data] == ["mean of 12 CoCoNot", "mean of 0 Math", "vector 12 - 0"]
+    names = [trace.name for trace in fig.data]
+    assert names == ["mean of 12 CoCoNot", "mean of 0 Math", "vector 12 - 0", "vector norm / mean norm"]
     assert all(list(trace.x) == [0, 1, 2, 3] for trace in fig.data)
     assert list(fig.data[0].y) == pytest.approx([means["12"].means[layer].norm for layer in range(4)])
     assert list(fig.data[2].y) == pytest.approx([vector.norm(layer) for layer in range(4)])
-    assert fig.layout.xaxis.title.text == "layer"
+    # two means with nearly equal norms stay distinguishable: different dash, marker and width
+    first, second = fig.data[0], fig.data[1]
+    assert (first.line.dash, first.marker.symbol) != (second.line.dash, second.marker.symbol)
+    assert first.line.width > second.line.width
+    shares = [vector.norm(k) / ((means["12"].means[k].norm + means["0"].means[k].norm) / 2) for k in range(4)]
+    assert list(fig.data[3].y) == pytest.approx(shares) and fig.data[3].yaxis == "y2"
+    assert fig.layout.xaxis2.title.text == "layer"
 
 
 def test_cosine_heatmap_of_all_nineteen_subsets(nineteen_subsets: dict[str, Any]) -> None:
@@ -349,8 +362,11 @@ def test_cosine_heatmap_of_all_nineteen_subsets(nineteen_subsets: dict[str, Any]
     torch.testing.assert_close(z.diagonal(), torch.ones(19), atol=1e-5, rtol=0)
     torch.testing.assert_close(z, z.T)
     assert "layer 2" in fig.layout.title.text
+    assert (heatmap.zmin, heatmap.zmax, heatmap.zmid) == (-1.0, 1.0, 0.0), "0.95 must not look very different"
+    assert "fixed range -1..1" in fig.layout.title.text
     centred = plots.cosine_heatmap_figure(nineteen_subsets["means"], layer=2, center=True)
     assert centred.data[0].zmid == 0 and float(torch.tensor(centred.data[0].z).min()) < float(z.min())
+    assert (centred.data[0].zmin, centred.data[0].zmax) == (-1.0, 1.0)
     with pytest.raises(UsageError, match="at least two"):
         plots.cosine_heatmap_figure({"12": nineteen_subsets["means"]["12"]}, layer=2)
 
@@ -359,9 +375,12 @@ def test_pca_figure_colours_prompts_by_subset(tiny: LoadedModel, nineteen_subset
     prompt_sets = nineteen_subsets["prompt_sets"]
     acts = {key: prompt_activations(tiny, prompt_sets[key], 1, nineteen_subsets["cache"]) for key in ("12", "0", "8")}
     assert acts["12"].shape == (2, 64)
-    fig = plots.pca_figure(acts, layer=1)
+    fig = plots.pca_figure(acts, layer=1, prompts={key: prompt_sets[key].prompts for key in acts})
     assert [trace.name for trace in fig.data] == ["12 CoCoNot", "0 Math", "8 Code"]
     assert [len(trace.x) for trace in fig.data] == [2, 2, 2]
+    first_prompt = prompt_sets["12"].prompts[0]
+    assert first_prompt.split()[0] in fig.data[0].hovertext[0]
+    assert "%{hovertext}" in fig.data[0].hovertemplate, "hover shows the prompt, not coordinates"
     assert fig.layout.xaxis.title.text.startswith("PC1 (") and "layer 1" in fig.layout.title.text
 
 
@@ -553,3 +572,384 @@ def test_collapse_badges_in_the_side_by_side_and_the_comparison(tmp_path: Path) 
     rows, _ = comparison_rows(frame, (config_id, "baseline"), (config_id, "steered"))
     assert [row["right_collapse"] for row in rows] == ["loops (80% of tokens repeat back to back)", None]
     assert "chunky-collapsed" in side_by_side_html(rows, left="left", right="right")
+
+
+# ---------------------------------------------------------------- issue 13: the playground as an instrument
+
+
+def wait_until(condition: Any, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: LoadedModel, tmp_path: Path) -> None:
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    playground.generate_button.click()
+    assert playground.wait(120) and playground.last_error is None, playground.last_error
+    shown = playground.table.value
+    playground.max_tokens.value = 2000  # long enough to still be running when Stop comes
+    playground.generate_button.click()
+    assert playground.busy and playground.generate_button.disabled and not playground.stop_button.disabled
+    assert wait_until(lambda: playground.last_progress is not None and playground.last_progress.done > 3)
+    assert "chunky-stale" in playground.table.value and "opacity:0.35" in playground.table.value, "old table dimmed"
+    progress = playground.last_progress
+    assert progress.stage == "generating" and progress.total == 2000 and "token" in progress.describe()
+    assert 0 < playground.progress.value < 1 and "generating: token" in playground.progress_label.value
+    pressed = time.monotonic()
+    playground.stop_button.click()  # from this thread, as the kernel would: the worker keeps running meanwhile
+    assert "Stopping" in playground.status.value
+    assert playground.wait(10) and time.monotonic() - pressed < 2.0
+    assert playground.status.value.startswith("Stopped (generating: token")
+    assert playground.table.value == shown, "the previous answers stay, undimmed"
+    assert not playground.busy and not playground.generate_button.disabled and not playground.generate_button.value
+    assert playground.stop_button.disabled and playground.progress.bar_style == "warning"
+    assert playground.runs == 1
+    from chunky_utils.steering import active_hook_count
+
+    assert active_hook_count(tiny.model) == 0 and not any(
+        layer._forward_pre_hooks or layer._forward_hooks for layer in tiny.model.model.layers
+    ), "every hook removed after a stop"
+
+
+def test_a_double_click_starts_one_generation(tiny: LoadedModel, tmp_path: Path) -> None:
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    link = playground.generate_button._guard
+    assert (link.source[1], link.target[1]) == ("value", "disabled"), "the browser disables it on the first click"
+    assert link.source[0] is playground.generate_button is link.target[0]
+    playground.generate_button.click()
+    playground.generate_button.click()  # pressed again before the first run ends: ignored
+    playground._on_generate(playground.generate_button)  # even a click the browser let through
+    assert playground.wait(120) and playground.last_error is None, playground.last_error
+    assert playground.runs == 1 and "Run 1:" in playground.status.value
+    playground.generate_button.click()
+    assert playground.wait(120) and playground.runs == 2
+
+
+def test_your_own_prompts_from_the_box_and_from_the_parameters(tiny: LoadedModel, tmp_path: Path) -> None:
+    from chunky_utils.notebook import typed_prompts, with_typed_prompts
+
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    playground.prompt_source_dropdown.value = BUILTIN_PROMPTS
+    assert playground.n_prompts.value == 5 and playground.n_prompts.disabled, "the built-in set has 5"
+    playground.prompt_source_dropdown.value = "5"
+    assert playground.n_prompts.value == 3 and not playground.n_prompts.disabled, "the subset count comes back"
+    playground.prompts_box.value = "Name a bird.\n\n  What is 2 + 2?  \n"
+    assert playground.prompt_source_dropdown.value == TYPED_PROMPTS, "typing selects your prompts"
+    assert playground.n_prompts.value == 2 and playground.n_prompts.disabled
+    payload = playground.generate()
+    assert [row["prompt"] for row in payload["results"]] == ["Name a bird.", "What is 2 + 2?"]
+    config = playground.last_config
+    assert config.inference_n_samples == -1 and config.include_vector_prompts
+    assert Path(config.inference_dataset).read_text().count("\n") == 2
+    assert "--inference-dataset" in playground.show_cli_command()
+    playground.prompts_box.value = ""
+    playground.generate_button.click()
+    assert playground.wait(60) and "box is empty" in (playground.last_error or "")
+
+    assert typed_prompts(["a", " ", "b "]) == ["a", "b"] and typed_prompts(None) == []
+    base = tiny_config(tmp_path)
+    assert with_typed_prompts(base, []) is base
+    again = with_typed_prompts(base, ["Name a bird.", "What is 2 + 2?"])
+    assert again.inference_dataset == config.inference_dataset, "the same prompts reuse one file"
+    from_parameters = SteeringPlayground(tiny, again, prompts=["Name a bird.", "What is 2 + 2?"])
+    assert from_parameters.prompt_source_dropdown.value == TYPED_PROMPTS
+    assert from_parameters.current_config().inference_dataset == again.inference_dataset
+
+
+def test_token_readings_are_taken_while_generating_and_match_a_second_pass(tiny: LoadedModel, tmp_path: Path) -> None:
+    from chunky_utils.activations import output_hidden
+    from chunky_utils.models import find_decoder_layers, format_prompts, tokenize_prompts
+
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=8))
+    payload = playground.generate()
+    readings = playground.last_readings
+    rows = payload["results"]
+    assert set(readings) == {(i, side) for i in range(len(rows)) for side in ("baseline", "steered")}
+    vector = playground.known_vector(playground.last_config)
+    unit = vector.at(2) / vector.norm(2)
+    captured: dict[str, torch.Tensor] = {}
+    handle = find_decoder_layers(tiny.model)[2].register_forward_hook(
+        lambda _m, _a, out: captured.__setitem__("hidden", output_hidden(out))
+    )
+    try:
+        for (index, side), reading in readings.items():
+            assert "".join(reading.pieces) == rows[index][side]
+            prompt = tokenize_prompts(tiny.tokenizer, format_prompts(tiny.tokenizer, [rows[index]["prompt"]]))[0]
+            with torch.no_grad():  # the unsteered model reads the same tokens afterwards
+                tiny.model(input_ids=torch.tensor([prompt + reading.ids]))
+            second = (captured["hidden"][0, len(prompt) :, :].float() @ unit).tolist()
+            full = [v for v in reading.values if v is not None]
+            assert len(second) >= len(full) > 0
+            assert full == pytest.approx(second[: len(full)], abs=2e-3), (index, side)
+    finally:
+        handle.remove()
+    page = playground.tokens_view.value
+    assert page.count('class="chunky-token"') >= 6 and "data-value=" in page and "layer 2" in page
+    assert "towards the target" in page and 'title="projection ' in page
+
+
+def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, tmp_path: Path) -> None:
+    from chunky_utils.instrument import grid_rows
+
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=6))
+    playground.grid_layers.value = "1, 3"
+    playground.grid_scales.value = "2 8"
+    playground.grid_prompts.value = 2
+    playground.grid_button.click()
+    assert playground.wait(120) and playground.last_error is None, playground.last_error
+    grid = playground.last_grid
+    assert (grid.layers, grid.scales, len(grid.prompts)) == ([1, 3], [2.0, 8.0], 2)
+    assert len(grid.cells) == 2 * (1 + 4) and playground.tabs.selected_index == 2
+    page = playground.grid_view.value
+    assert page.count('class="chunky-grid-cell"') == 8 and "of norm)" in page
+    assert page.count('class="chunky-collapsed"') == sum(c.collapse is not None for c in grid.cells)
+    vector = playground.known_vector(playground.current_config())
+    row_prompts, row_cells, deltas = grid_rows(vector, 2, [1, 3], [2.0, 8.0])
+    assert row_prompts == [0] * 5 + [1] * 5 and row_cells[:3] == [(None, 0.0), (1, 2.0), (1, 8.0)]
+    torch.testing.assert_close(deltas[1][2], vector.at(1).float() * 8.0)
+    assert float(deltas[3][2].abs().sum()) == 0.0 and float(deltas[1][0].abs().sum()) == 0.0
+    playground.grid_scales.value = "two"
+    playground.grid_button.click()
+    assert playground.wait(30) and "not a number" in (playground.last_error or "")
+
+
+def test_next_token_preview_and_scale_guidance_follow_the_sliders(tiny: LoadedModel, tmp_path: Path) -> None:
+    from chunky_utils.instrument import next_token_preview, relative_magnitude
+
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    assert "press Generate" in playground.guidance.value and playground.preview_view.value == ""
+    playground.generate()
+    vector = playground.known_vector(playground.current_config())
+    share = relative_magnitude(vector, 2, 4.0)
+    meta = vector.metadata
+    assert share == pytest.approx(4.0 * vector.norm(2) / ((meta["target_norms"][2] + meta["baseline_norms"][2]) / 2))
+    assert f"{share:.0%}" in playground.guidance.value and playground.bands.band(share) in playground.guidance.value
+    before = playground.last_preview
+    assert before is not None and "chunky-kl" in playground.preview_view.value
+    playground.scale_slider.value = 0.0
+    still = playground.last_preview
+    assert still is not before and still.kl == pytest.approx(0.0, abs=1e-6)
+    assert still.unsteered == pytest.approx(still.steered, abs=1e-6)
+    playground.scale_slider.value = 9.0
+    assert playground.last_preview.kl > still.kl and "scale 9" in playground.preview_view.value
+    assert sum(playground.last_preview.steered) <= 1.0 + 1e-6
+    direct = next_token_preview(tiny, "Hello", 2, vector.at(2) * 9.0, top=3)
+    assert 3 <= len(direct.tokens) <= 6 and direct.kl > 0
+
+
+def test_scale_bands_come_from_measured_results(tmp_path: Path) -> None:
+    from chunky_utils.notebook import DEFAULT_BANDS, run_strength_table, scale_bands, threshold
+
+    assert threshold([0.1, 0.2, 1.0, 2.0], [False, False, True, True]) == pytest.approx((0.2 * 1.0) ** 0.5)
+    assert threshold([0.1, 0.2], [False, False]) == float("inf") and threshold([0.1], [True]) == 0.0
+    for layer, scale in ((1, 0.5), (1, 1.0), (1, 4.0), (2, 0.5), (2, 2.0), (2, 8.0)):
+        payload = fake_payload(layer, scale, metrics=False)
+        payload["metadata"] |= {"target_norm": 10.0, "baseline_norm": 10.0, "model_name": "tiny"}
+        for row in payload["results"]:
+            row["steered"] = "one two" if scale < 1 else "completely other words here"
+            row["collapse"] = {"baseline": None, "steered": "loops" if scale >= 4 else None}
+        write_results(
+            tmp_path / "12_0" / f"layer_{layer}_scale_{scale!r}" / "out_5_2.json",
+            payload["metadata"],
+            payload["results"],
+        )
+    table = run_strength_table(tmp_path)
+    assert len(table) == 6 and table["relative_magnitude"].max() == pytest.approx(2.0 * 8.0 / 10.0)
+    bands = scale_bands(tmp_path)
+    assert bands is not None and bands.band(0.05) == "subtle" and bands.band(0.3) == "strong"
+    assert bands.band(1.6) == "likely to collapse" and "6 runs" in bands.source
+    assert scale_bands(tmp_path, model_name="another model") is None
+    assert DEFAULT_BANDS.subtle_below < DEFAULT_BANDS.collapse_from
+
+
+def test_export_csv_html_and_the_cli_command(tiny: LoadedModel, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from chunky_utils.cli import build_parser, config_from_args
+    from chunky_utils.notebook import cli_command
+
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    assert playground.csv_button.disabled and playground.html_button.disabled
+    payload = playground.generate()
+    playground.csv_button.click()
+    playground.html_button.click()
+    assert playground.last_error is None, playground.last_error
+    csv_path, html_path = playground.exported
+    assert csv_path.suffix == ".csv" and csv_path.with_suffix(".json") == playground.save_path()
+    exported = pd.read_csv(csv_path)
+    assert exported["steered"].fillna("").tolist() == [row["steered"] for row in payload["results"]]
+    assert {"prompt", "baseline", "baseline_collapse", "steered_collapse"} <= set(exported.columns)
+    page = html_path.read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>12 CoCoNot - 0 Math, layer 2, scale 4" in page
+    assert "chunky-side-by-side" in page and "<script" not in page
+
+    playground.scale_slider.value = -1.5
+    playground.cli_button.click()
+    command = playground.cli_text.value
+    assert command.startswith("test_tulu_contrastive_steering --target-subset 12 --baseline-subset 0 --layer 2")
+    assert "--scale -1.5" in command and "--model tiny-random:llama" in command and "--max-tokens 6" in command
+    assert "--temperature 0.0" in command and "--top-k" not in command, "only settings that differ from defaults"
+    assert "navigator.clipboard" in playground.copy_html.value
+    parsed = config_from_args(build_parser().parse_args(command.split()[1:]))
+    assert parsed.result_settings() == playground.current_config().result_settings()
+    odd = RunConfig("12", "0", 3, metrics=False, reuse_baselines=False, include_vector_prompts=True, top_p=0.9)
+    again = config_from_args(build_parser().parse_args(cli_command(odd).split()[1:]))
+    assert again.result_settings() == odd.result_settings() and not again.reuse_baselines
+
+
+def test_side_by_side_marks_words_only_where_answers_are_alike_and_pages() -> None:
+    from chunky_utils.tables import row_diff_html
+
+    left, right, note = row_diff_html("alpha beta gamma delta", "one two three four five")
+    assert "chunky-added" not in right and "differ throughout" in note
+    left, right, note = row_diff_html("the cat sat on the mat", "the dog sat on the mat")
+    assert "chunky-added" in right and "of words shared" in note
+    _, right, note = row_diff_html("a b c d", "x x x x", ("looped", None))
+    assert "chunky-added" not in right and "collapsed" in note
+    rows = [
+        {"prompt_idx": i, "prompt": f"p{i}", "baseline": "line one\nline two", "steered": f"s{i}"} for i in range(23)
+    ]
+    page = side_by_side_html(rows, {}, page=2, page_size=10)
+    assert page.count("<tr class=") == 3 and "rows 21-23 of 23" in visible_text(page)
+    assert "23 of 23 answers differ" in visible_text(page) and "line one\nline two" in html.unescape(page)
+    one_sided = [{"prompt": "a", "left": "x", "right": "", "only": "left"}, {"prompt": "b", "left": "x", "right": "y"}]
+    text = visible_text(side_by_side_html(one_sided, left="left", right="right"))
+    assert "1 of 1 answers differ (1 prompts have an answer on one side only)" in text
+    assert "no answer for this prompt on this side" in text
+
+
+def test_viewer_opens_on_configs_that_share_prompts_and_pages(tmp_path: Path) -> None:
+    from chunky_utils.widgets import default_pair
+
+    for layer, prompts in ((1, ("a", "b")), (2, ("c", "d")), (3, tuple(f"q{i}" for i in range(25)))):
+        payload = fake_payload(layer, 1.0, metrics=False, prompts=prompts)
+        write_results(
+            tmp_path / "x" / "12_0" / f"layer_{layer}_scale_1.0" / "results.json",
+            payload["metadata"],
+            payload["results"],
+        )
+    payload = fake_payload(4, 1.0, metrics=False, prompts=tuple(f"q{i}" for i in range(25)))
+    write_results(
+        tmp_path / "x" / "12_0" / "layer_4_scale_1.0" / "results.json", payload["metadata"], payload["results"]
+    )
+    frame = load_results_frame(tmp_path / "x")
+    ids = frame["config_id"].unique().tolist()
+    assert default_pair(frame) == (f"{ids[2]}::steered", f"{ids[3]}::steered"), "the two configs sharing 25 prompts"
+    viewer = ComparisonViewer(frame)
+    assert "25 of 25 answers differ" in visible_text(viewer.table.value)
+    assert viewer.table.value.count("<tr class=") == 10 and viewer.pager.n_pages == 3
+    viewer.pager.next.click()
+    assert "rows 11-20 of 25" in visible_text(viewer.table.value)
+    lonely = load_results_frame(tmp_path / "x").query("layer == 1")
+    assert default_pair(lonely) == (f"{ids[0]}::baseline", f"{ids[0]}::steered"), "none shared: its own two sides"
+
+
+def test_cell_browser_shows_real_line_breaks_a_page_at_a_time(tmp_path: Path) -> None:
+    from chunky_utils.metric_views import metrics_frame
+    from chunky_utils.widgets import MetricCellBrowser
+
+    fluent = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8, "concept_score": 0.1}
+    rows = [
+        {
+            "prompt_idx": i,
+            "prompt": f"prompt {i}",
+            "baseline": "first line\n\nsecond line",
+            "steered": "steered\nanswer",
+            "metrics": {"baseline": fluent, "steered": fluent},
+        }
+        for i in range(14)
+    ]
+    metadata = {"target_subset": "12", "baseline_subset": "0", "layer": 3, "scale": 2.0, "inference_dataset": "5"}
+    write_results(tmp_path / "12_0" / "layer_3_scale_2.0" / "out_5_14.json", metadata, rows)
+    browser = MetricCellBrowser(metrics_frame(tmp_path), page_size=10)
+    page = browser.table.value
+    assert "\\n" not in page and "first line\n\nsecond line" in page and "white-space:pre-wrap" in page
+    assert page.count("<tr><td") == 10 and "rows 1-10 of 14" in visible_text(page) and "ppl 2" in page
+    browser.pager.next.click()
+    assert browser.table.value.count("<tr><td") == 4
+
+
+def test_heatmaps_name_their_experiment_say_which_way_is_better_and_explain_empty_cells() -> None:
+    import pandas as pd
+
+    from chunky_utils.metric_views import heatmap_trace, layer_scale_heatmap, metric_heatmaps
+    from chunky_utils.notebook import per_layer_table
+
+    records = []
+    for experiment in ("12_0/out_a.json [m]", "8_5/out_b.json [m]"):
+        for layer, scale in ((1, 1.0), (1, 4.0), (2, 1.0), (2, 4.0)):
+            empty = layer == 2
+            for prompt in range(2):
+                record = {"experiment": experiment, "layer": layer, "scale": scale, "prompt_idx": prompt}
+                for side in ("baseline", "steered"):
+                    record |= {
+                        f"{side}_concept_score": (math.nan if empty else 0.1 * scale) if side == "steered" else 0.0,
+                        f"{side}_concept_probe": 0.0,
+                        f"{side}_perplexity": math.nan if empty and side == "steered" else 3.0 * scale,
+                        f"{side}_distinct_2": 0.9,
+                        f"{side}_relevance": 0.0,
+                        f"{side}_overall": 0.5,
+                        f"{side}_n_tokens": 0 if empty and side == "steered" else 10,
+                    }
+                    record[f"{side}_collapse"] = "empty answer" if empty and side == "steered" else None
+                for name in ("concept_score", "concept_probe", "relevance"):
+                    record[f"delta_{name}"] = record[f"steered_{name}"] - record[f"baseline_{name}"]
+                records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    figure = metric_heatmaps(frame, experiment="8_5/out_b.json [m]")
+    assert figure.layout.title.text.startswith("8_5/out_b.json [m]")
+    concept, perplexity = figure.data
+    assert concept.colorscale[-1][1] == "rgb(5,48,97)" and concept.zmid == 0.0, "higher concept: blue"
+    assert perplexity.colorscale[-1][1] == "rgb(103,0,31)", "higher perplexity: red"
+    assert (
+        "higher is better" in figure.layout.annotations[0].text
+        and "lower is better" in figure.layout.annotations[1].text
+    )
+    assert (
+        concept.text[1][0].startswith("n/a") and "every steered answer in this cell is empty" in concept.hovertext[1][0]
+    )
+    one = layer_scale_heatmap(frame, "concept_delta", experiment="12_0/out_a.json [m]")
+    assert one.layout.title.text.startswith("12_0/out_a.json [m]: concept, steered - baseline (higher is better)")
+    table = per_layer_table(frame, "12_0/out_a.json [m]")
+    assert table.loc[table["layer"] == 2, "note"].item() == "every steered scale collapsed (✕)"
+    assert table.loc[table["layer"] == 1, "best scale"].item() == 4.0
+    assert heatmap_trace is not None
+
+
+def test_sweep_overview_figure_has_one_entry_per_measure_colour_bars_and_a_page_title() -> None:
+    import pandas as pd
+
+    rows = []
+    for layer in (4, 8):
+        for scale in (1.0, 2.0):
+            rows.append(
+                {
+                    "target_subset": "12",
+                    "baseline_subset": "0",
+                    "inference_dataset": None,
+                    "inference_n_samples": None,
+                    "layer": layer,
+                    "scale": scale,
+                    "delta.perplexity": scale * 2,
+                    "delta.concept_score": 0.1 * scale,
+                    "delta.n_tokens": -1.0,
+                    "text_change": 0.5,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    figure = plots.sweep_overview_figure(frame)
+    labels = [button.label for button in figure.layout.updatemenus[0].buttons]
+    assert labels == ["concept score change", "perplexity change", "n tokens change", "text change from the baseline"]
+    assert len(set(labels)) == len(labels) and figure.layout.updatemenus[0].type == "buttons"
+    concept_axis, perplexity_axis = figure.layout.coloraxis, figure.layout.coloraxis2
+    assert concept_axis.showscale and concept_axis.colorscale[-1][1] == "rgb(5,48,97)", "concept up: blue"
+    assert perplexity_axis.colorscale[-1][1] == "rgb(103,0,31)", "perplexity up: red"
+    assert concept_axis.cmin == -concept_axis.cmax and "higher is better" in concept_axis.colorbar.title.text
+    assert "lower is better" in perplexity_axis.colorbar.title.text
+    assert "12 CoCoNot vs 0 Math on built-in prompts" in figure.layout.annotations[0].text
+    page = plots.sweep_overview_html(frame, "Sweep layer-scale")
+    assert "<title>Sweep layer-scale</title>" in page and not re.search(r"<script[^>]+src=", page)
