@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+	@git config filter.chunky-strip.clean "$(BIN)/python scripts/strip_notebook_outputs.py" 2>/dev/null && git config filter.chunky-strip.smudge cat 2>/dev/null || true
 
 # The seed's example command, on the embedded model, offline.
 demo: install
