@@ -31,7 +31,6 @@ from chunky_utils.sweep.report import (
     read_summary,
     summarize,
     summary_rows,
-    text_change,
     write_summary,
 )
 from chunky_utils.sweep.spec import (
@@ -84,7 +83,6 @@ __all__ = [
     "run_sweep",
     "summarize",
     "summary_rows",
-    "text_change",
     "visible_gpus",
     "write_summary",
 ]

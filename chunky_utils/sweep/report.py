@@ -3,89 +3,30 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
-import json
 import logging
 import math
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from chunky_utils.cache import atomic_write_text
 from chunky_utils.errors import UsageError
-from chunky_utils.results import iter_results_files, read_results
+from chunky_utils.results import results_table
 
 log = logging.getLogger(__name__)
 
-SIDES: tuple[str, ...] = ("baseline", "steered")
 SUMMARY_FILE = "summary.csv"
 FIGURE_FILE = "overview.html"
 
 
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys; lists as JSON text (one CSV cell each)."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}."))
-        elif isinstance(value, list | tuple):
-            flat[name] = json.dumps(value)
-        else:
-            flat[name] = value
-    return flat
-
-
-def text_change(baseline: str, steered: str) -> float:
-    """0 when the steered text equals the baseline, towards 1 the more it differs (difflib)."""
-    return 1.0 - difflib.SequenceMatcher(None, baseline or "", steered or "", autojunk=False).ratio()
-
-
-def row_columns(result: Mapping[str, Any]) -> dict[str, Any]:
-    """One result row's columns: its own keys, then `baseline.<m>`, `steered.<m>` and `delta.<m>` per metric."""
-    columns = flatten({key: value for key, value in result.items() if key != "metrics"})
-    metrics = result.get("metrics") or {}
-    sides = {side: metrics.get(side) or {} for side in SIDES}
-    for side, values in sides.items():
-        columns.update({f"{side}.{name}": value for name, value in values.items()})
-    for name, steered in sides["steered"].items():
-        baseline = sides["baseline"].get(name)
-        if _is_number(steered) and _is_number(baseline):
-            columns[f"delta.{name}"] = steered - baseline
-    columns["text_change"] = text_change(str(result.get("baseline", "")), str(result.get("steered", "")))
-    return columns
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def summary_rows(folder: Path | str) -> list[dict[str, Any]]:
-    """One dict per result file and prompt: point id, flattened metadata, texts, metrics and text change."""
-    folder = Path(folder)
-    rows = []
-    for path in iter_results_files(folder):
-        try:
-            payload = read_results(path)
-        except UsageError as exc:
-            log.warning("skipping %s", exc)
-            continue
-        point = path.relative_to(folder).with_suffix("").as_posix()
-        metadata = flatten(payload["metadata"])
-        for result in payload["results"]:
-            row = {"point_id": point, **metadata}
-            for key, value in row_columns(result).items():
-                row[f"row.{key}" if key in row else key] = value
-            rows.append(row)
-    return rows
+    """One dict per result file and prompt (`chunky_utils.results.results_table`'s columns)."""
+    return summarize(folder).to_dict("records")
 
 
 def summarize(folder: Path | str) -> Any:
     """Every result under a sweep folder as one pandas DataFrame (the rows of summary.csv)."""
-    import pandas as pd
-
-    return pd.DataFrame(summary_rows(folder))
+    return results_table(Path(folder), skip_unreadable=True)
 
 
 def overview_measures(frame: Any) -> list[str]:
