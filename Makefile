@@ -43,5 +43,10 @@ lab: install
 bench: install
 	$(BIN)/python benchmarks/run_cpu.py
 
+# steering-vectors 0.12.2 and repeng 0.4.0 next to ours on the CPU; builds .venv-peers (pip) on first use
+.PHONY: bench-peers
+bench-peers: install
+	$(BIN)/python benchmarks/peers.py --base-python $(PYTHON)
+
 clean-results:
 	@echo "results/ holds finished runs; delete them by hand if you mean it"

@@ -361,25 +361,42 @@ def write_gguf_tokenizer(metadata: dict[str, Any], folder: Path) -> None:
         if token_type == GGUF_CONTROL_TOKEN_TYPE
     ]
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
-    backend.save(str(folder / "tokenizer.json"))
 
     def token_at(key: str) -> str | None:
         index = metadata.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[index] if index is not None else None
 
-    architecture = metadata.get("general.architecture", "")
-    tokenizer_config = {
-        "tokenizer_class": PORTABLE_TOKENIZER_CLASS,
+    special_tokens = {
         "bos_token": token_at("bos"),
         "eos_token": token_at("eos"),
         "unk_token": token_at("unknown"),
         "pad_token": token_at("padding") or token_at("eos"),
+    }
+    architecture = metadata.get("general.architecture", "")
+    write_portable_tokenizer(
+        backend,
+        folder,
+        special_tokens,
+        metadata.get("tokenizer.chat_template"),
+        int(metadata.get(f"{architecture}.context_length", 2048)),
+    )
+
+
+def write_portable_tokenizer(
+    backend: Any, folder: Path, special_tokens: dict[str, str | None], chat_template: str | None, max_length: int
+) -> None:
+    """A `tokenizers` backend as tokenizer.json + tokenizer_config.json + chat_template.jinja, with a class
+    (`PreTrainedTokenizerFast`) that transformers 4.x and 5 both load to the same tokenizer."""
+    backend.save(str(folder / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": PORTABLE_TOKENIZER_CLASS,
+        **{name: token for name, token in special_tokens.items() if token is not None},
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(metadata.get(f"{architecture}.context_length", 2048)),
+        "model_max_length": max_length,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-    if metadata.get("tokenizer.chat_template"):
-        (folder / "chat_template.jinja").write_text(metadata["tokenizer.chat_template"], encoding="utf-8")
+    if chat_template:
+        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
 def convert_embedded_model(cache_dir: Path) -> Path:
