@@ -1,14 +1,27 @@
-"""Diagnostic: where decoding time goes at 50 vs 100 rows on the GPU (plain transformers generate)."""
+"""Diagnostic: where decoding time goes on the GPU.
+
+`times` / `profile`: plain transformers generate at 50 vs 100 rows. `fast`: the fast decode path
+(chunky_utils.fast_decode) at 20, 100 and 300 rows: ms per step and GPU time per step by kernel kind.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_lib import side_by_side  # noqa: E402
-from benchmarks.run_gpu import build_random_llama8b, make_prompts, plain_generate  # noqa: E402
+from benchmarks.run_gpu import (  # noqa: E402
+    build_random_llama8b,
+    fast_rows,
+    make_prompts,
+    plain_generate,
+    profile_fast_step,
+)
+from chunky_utils import fast_decode  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +33,16 @@ def main() -> None:
         return lambda: plain_generate(loaded, chosen, tokens, **kwargs)
 
     mode = sys.argv[1] if len(sys.argv) > 1 else "times"
-    if mode == "times":
+    if mode == "fast":
+        vector = torch.randn(loaded.hidden_size) * 2.0
+        for count, scales in ((10, [0.0, 2.0]), (50, [0.0, 2.0]), (50, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0])):
+            for _ in range(2):  # the first call compiles and captures
+                fast_rows(loaded, prompts[:count], vector, scales, 100)
+            info = fast_decode.last_run_info()
+            kinds = profile_fast_step(loaded, info.rows, info.bucket_length)
+            by_kind = ", ".join(f"{kind} {ms:.2f}" for kind, ms in sorted(kinds.items(), key=lambda item: -item[1]))
+            print(f"{info.rows} rows: prefill {info.prefill_s:.3f} s, {info.step_ms:.2f} ms/step; GPU ms: {by_kind}")
+    elif mode == "times":
         times = side_by_side(
             {
                 "b50_t100": gen(50),

@@ -27,6 +27,11 @@ from chunky_utils.models import (
 
 log = logging.getLogger(__name__)
 
+PACKING: tuple[str, ...] = ("auto", "packed", "padded")
+"""How extraction batches prompts: 'packed' lays them end to end with block-diagonal attention (no padded
+position computed), 'padded' pads length-sorted batches; 'auto' packs on a CUDA GPU where the model allows.
+"""
+
 READ_POSITIONS: tuple[str, ...] = ("generation_prompt", "user_end")
 """Where the read happens: after the template's assistant header (the token the model answers from,
 the default) or on the last token of the user turn without the generation prompt."""
@@ -97,19 +102,31 @@ def extract_last_token_activations(
     read_position: str = "generation_prompt",
     max_batch_tokens: int | None = 16384,
     progress: bool = True,
+    packing: str = "auto",
 ) -> tuple[torch.Tensor, ExtractionStats]:
     """Activations [n_prompts, n_layers_read, hidden] (float32, CPU, prompt order) on the read token.
 
     The forward pass stops after the deepest requested layer, so `lm_head` and later layers never run.
+    `packing` (see PACKING) picks packed or padded batches.
     """
     if read_position not in READ_POSITIONS:
         raise ValueError(f"read_position must be one of {READ_POSITIONS}, got {read_position!r}")
+    if packing not in PACKING:
+        raise ValueError(f"packing must be one of {PACKING}, got {packing!r}")
     decoder_layers = find_decoder_layers(model)
     wanted = sorted(set(range(len(decoder_layers)) if layers is None else layers))
     texts = format_prompts(tokenizer, prompts, add_generation_prompt=read_position == "generation_prompt")
     token_ids = tokenize_prompts(tokenizer, texts)
     lengths = [len(ids) for ids in token_ids]
     device = model.get_input_embeddings().weight.device
+    if _use_packing(model, packing, device):
+        from chunky_utils.packed_extraction import extract_packed
+
+        started = time.perf_counter()
+        result = extract_packed(model, token_ids, wanted, max_batch_tokens or 16384)
+        stats = ExtractionStats(len(prompts), sum(lengths), sum(lengths), time.perf_counter() - started)
+        _log_extraction(stats, len(wanted), "packed")
+        return result, stats
     hidden = None
     result: torch.Tensor | None = None
     captured: dict[int, torch.Tensor] = {}
@@ -146,17 +163,34 @@ def extract_last_token_activations(
         for handle in handles:
             handle.remove()
     stats = ExtractionStats(len(prompts), real_tokens, padded_tokens, time.perf_counter() - started)
+    _log_extraction(stats, len(wanted), "padded")
+    assert result is not None
+    return result, stats
+
+
+def _use_packing(model: nn.Module, packing: str, device: torch.device) -> bool:
+    """Whether this extraction runs packed (said in the log when a wish for packing cannot be met)."""
+    if packing == "padded" or (packing == "auto" and device.type != "cuda"):
+        return False
+    from chunky_utils.packed_extraction import packing_reason
+
+    reason = packing_reason(model)
+    if reason is not None:
+        log.info("extraction uses padded batches: %s", reason)
+    return reason is None
+
+
+def _log_extraction(stats: ExtractionStats, n_layers: int, how: str) -> None:
     log.info(
-        "extracted %d prompts x %d layers: %d tokens in %.2f s (%.0f tok/s, padding waste %.1f%%)",
-        len(prompts),
-        len(wanted),
-        real_tokens,
+        "extracted %d prompts x %d layers (%s): %d tokens in %.2f s (%.0f tok/s, padding waste %.1f%%)",
+        stats.n_prompts,
+        n_layers,
+        how,
+        stats.real_tokens,
         stats.seconds,
         stats.tokens_per_second,
         100 * stats.padding_waste,
     )
-    assert result is not None
-    return result, stats
 
 
 def cache_key_for(loaded: LoadedModel, read_position: str, data_source: str) -> CacheKey:
