@@ -37,6 +37,7 @@ class GenerationSettings:
     top_p: float = 1.0
     cache_implementation: str | None = None  # None = transformers' dynamic cache; "static" also compiles on GPU
     packed_prefill: bool = True  # prompt KV cache built by chunky_utils.prefill, not inside generate
+    fast_decode: bool = True  # on one CUDA GPU, chunky_utils.fast_decode's captured decode loop when it applies
     prefill_batch_tokens: int = 16384  # padded tokens per prefill chunk
 
     def __post_init__(self) -> None:
@@ -182,6 +183,10 @@ def generate_rows(
     rows_per_prompt = [len(rows_of.get(p, ())) for p in range(len(prompts))]
     batches = row_batches([len(ids) for ids in token_ids], rows_per_prompt, settings.batch_size)
     layer_deltas = {layer: deltas.detach().float().cpu() for layer, deltas in layer_deltas.items()}
+    fast = _fast_rows(loaded, token_ids, row_prompts, [keys[p] for p in row_prompts], layer_deltas, settings, progress)
+    if fast is not None:
+        texts = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in fast]
+        return RowsOutput(texts, time.perf_counter() - started, sum(len(ids) for ids in fast))
     new_tokens = 0
     pad_id = pad_token_id(tokenizer)
     with grouped_query_decoding(model):
@@ -212,6 +217,44 @@ def generate_rows(
             for position, row in enumerate(rows):
                 texts[row] = tokenizer.decode(generated[position], skip_special_tokens=True).strip()
     return RowsOutput(texts, time.perf_counter() - started, new_tokens)
+
+
+def _fast_rows(
+    loaded: LoadedModel,
+    token_ids: Sequence[Sequence[int]],
+    row_prompts: Sequence[int],
+    row_keys: Sequence[int],
+    layer_deltas: Mapping[int, torch.Tensor],
+    settings: GenerationSettings,
+    progress: bool,
+) -> list[list[int]] | None:
+    """Every row's token ids from the captured GPU decode loop, or None (and why, in the log) to use `generate`."""
+    from chunky_utils.fast_decode import fast_generate, fast_path_reason
+
+    reason = fast_path_reason(loaded, settings)
+    if reason is None:
+        eos = loaded.model.generation_config.eos_token_id
+        try:
+            rows = fast_generate(
+                loaded,
+                token_ids,
+                row_prompts,
+                row_keys,
+                layer_deltas,
+                settings.positions,
+                settings.sampling,
+                settings.max_new_tokens,
+                settings.min_new_tokens,
+                eos if eos is not None else loaded.tokenizer.eos_token_id,
+                progress=progress,
+            )
+        except ValueError as exc:  # e.g. an answer longer than a sliding attention window
+            reason = str(exc)
+        else:
+            log.info("generation: fast decode path (captured one-token step on the GPU)")
+            return rows
+    log.info("generation: transformers generate (fast decode path not used: %s)", reason)
+    return None
 
 
 def _prompt_cache(

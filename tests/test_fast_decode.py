@@ -212,3 +212,24 @@ def test_in_graph_noise_is_the_shared_stream() -> None:
         noise = _gumbel_from_bits(_mix32(table[step][:, None] ^ offsets[None, :]))
         assert torch.equal(noise, gumbel_noise(7, keys, step, 300))
     fast_decode.release(build_tiny_model("llama", n_layers=1, hidden_size=32).model)  # no state: a no-op
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_with_scales_takes_the_fast_path_when_it_applies(
+    tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, temperature: float
+) -> None:
+    """Wiring: with the fast path declared usable (here on the CPU, eagerly), the texts are the generate path's."""
+    import logging
+
+    from chunky_utils import fast_decode
+    from chunky_utils.generation import GenerationSettings, generate_with_scales
+
+    prompts = ["Hi there", "Name a colour.", "Tell me a story about a brave little toaster."]
+    direction = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
+    settings = GenerationSettings(max_new_tokens=8, temperature=temperature, seed=1)
+    plain = generate_with_scales(tiny, prompts, 1, direction, [0.0, 2.0], settings, progress=False)
+    monkeypatch.setattr(fast_decode, "fast_path_reason", lambda loaded, settings=None: None)
+    with caplog.at_level(logging.INFO, logger="chunky_utils.generation"):
+        fast = generate_with_scales(tiny, prompts, 1, direction, [0.0, 2.0], settings, progress=False)
+    assert "fast decode path" in caplog.text
+    assert fast.texts == plain.texts
