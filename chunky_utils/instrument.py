@@ -12,6 +12,7 @@ on one footing).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,6 +31,8 @@ from chunky_utils.models import LoadedModel, find_decoder_layers, format_prompts
 from chunky_utils.steering import RowDeltaHook, SteeringVector, add_to_layers, contrastive_vector
 
 STAGES: tuple[str, ...] = ("extracting", "generating", "scoring")
+FAST_DECODE_SWITCH = "CHUNKY_FAST_DECODE"
+"""The environment switch `chunky_utils.fast_decode` reads; '0' keeps generation on hookable `generate`."""
 
 
 class StopRequested(Exception):
@@ -211,9 +214,13 @@ class RunWatch:
 
     @contextmanager
     def attached(self) -> Iterator[RunWatch]:
-        """The hooks, on the model while the block runs; always removed."""
+        """The hooks, on the model while the block runs; always removed. While attached, generation takes
+        transformers' `generate` (CHUNKY_FAST_DECODE=0): the captured GPU decode loop runs no module hooks,
+        so it could neither be stopped nor read step by step."""
         model = self.loaded.model
         layers = find_decoder_layers(model)
+        previous = os.environ.get(FAST_DECODE_SWITCH)
+        os.environ[FAST_DECODE_SWITCH] = "0"
         handles = [
             layers[0].register_forward_pre_hook(self._on_any_forward, with_kwargs=True),
             model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
@@ -225,6 +232,10 @@ class RunWatch:
         finally:
             for handle in handles:
                 handle.remove()
+            if previous is None:
+                os.environ.pop(FAST_DECODE_SWITCH, None)
+            else:
+                os.environ[FAST_DECODE_SWITCH] = previous
 
     # ------------------------------------------------------------ progress
 

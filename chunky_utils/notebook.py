@@ -263,9 +263,9 @@ CHANGED_AT = 0.5
 MIN_RUNS_FOR_BANDS = 6
 
 DEFAULT_BANDS = ScaleBands(
-    subtle_below=0.35,
-    collapse_from=1.5,
-    source="measured on SmolLM2-135M-Instruct (docs/scale_bands.md)",
+    subtle_below=0.071,
+    collapse_from=0.71,
+    source="24 runs of SmolLM2-135M-Instruct, docs/scale_bands.md",
 )
 """What scripts/measure_scale_bands.py found on the embedded model (docs/scale_bands.md has the table)."""
 
@@ -320,18 +320,23 @@ def run_strength_table(sources: Any, model_name: str | None = None) -> pd.DataFr
 
 def threshold(values: Sequence[float], positive: Sequence[bool]) -> float:
     """The cut that best separates `positive` points (meant to lie at or above it) from the rest, halfway
-    (geometrically) between two measured values; inf when no point is positive, 0 when all are."""
-    points = sorted(zip(values, positive, strict=True))
+    (geometrically) between two measured values; inf when no point is positive, 0 when all are. Values equal
+    to two significant digits count as one level, so runs asked for the same share never get split."""
     if not any(positive):
         return math.inf
     if all(positive):
         return 0.0
-    best_errors, best_cut = len(points) + 1, math.inf
-    for index in range(len(points) + 1):
-        errors = sum(flag for _, flag in points[:index]) + sum(not flag for _, flag in points[index:])
+    levels: dict[float, list[bool]] = {}
+    for value, flag in zip(values, positive, strict=True):
+        levels.setdefault(float(f"{value:.2g}"), []).append(bool(flag))
+    ordered = sorted(levels)
+    best_errors, best_cut = math.inf, math.inf
+    for index in range(len(ordered) + 1):
+        below, above = ordered[:index], ordered[index:]
+        errors = sum(sum(levels[v]) for v in below) + sum(len(levels[v]) - sum(levels[v]) for v in above)
         if errors < best_errors:
-            low = points[index - 1][0] if index > 0 else 0.0
-            high = points[index][0] if index < len(points) else math.inf
+            low = below[-1] if below else 0.0
+            high = above[0] if above else math.inf
             best_errors = errors
             best_cut = math.sqrt(low * high) if low > 0 and math.isfinite(high) else (high if low <= 0 else low)
     return best_cut
@@ -370,7 +375,8 @@ def example_prompts_html(prompt_sets: Mapping[str, PromptSet], n: int = 3, limit
             f'</td><td style="{CELL_STYLE}"><ol style="margin:0;padding-left:1.4em">{examples}</ol></td></tr>'
         )
     return (
-        '<table class="chunky-examples" style="table-layout:fixed;width:100%;border-collapse:collapse;font-size:13px">'
+        '<table class="chunky-examples" style="line-height:1.4;table-layout:fixed;width:100%;'
+        'border-collapse:collapse;font-size:13px">'
         f'<thead><tr><th style="{CELL_STYLE}">subset</th><th style="{CELL_STYLE}">first {n} drawn prompts</th>'
         f"</tr></thead><tbody>{''.join(rows)}</tbody></table>"
     )

@@ -350,7 +350,7 @@ def sweep_overview_figure(frame: pd.DataFrame) -> go.Figure:
     """Layer x scale heatmaps of a sweep summary (one row per point and prompt; `chunky_utils.sweep.summarize`),
     a panel per pair and inference set, and a row of buttons choosing the measure. Each measure has one
     colour bar shared by all panels; deltas diverge around 0 with blue where the change is better and red
-    where it is worse; empty cells read 'n/a'."""
+    where it is worse; a cell whose points have no value reads 'n/a', one with no point stays blank."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -369,15 +369,22 @@ def sweep_overview_figure(frame: pd.DataFrame) -> go.Figure:
         titles.append(
             f"{subset_title(values.get('target_subset'))} vs {subset_title(values.get('baseline_subset'))} on {prompts}"
         )
-    figure = make_subplots(rows=len(panels), cols=1, subplot_titles=titles, vertical_spacing=0.12 / len(panels))
+    n_rows_of_buttons = -(-len(measures) // 5)
+    height = max(420, 330 * len(panels) + 120 + 36 * n_rows_of_buttons)
+    plot_height = height - (110 + 36 * n_rows_of_buttons) - 80
+    spacing = min(0.5, 130 / plot_height) if len(panels) > 1 else 0.0
+    figure = make_subplots(rows=len(panels), cols=1, subplot_titles=titles, vertical_spacing=spacing)
     axes: dict[str, Any] = {}
     for index, measure in enumerate(measures):
         axis = "coloraxis" if index == 0 else f"coloraxis{index + 1}"
         tables = [
-            part.pivot_table(index="layer", columns="scale", values=measure, aggfunc="mean")
+            part.pivot_table(index="layer", columns="scale", values=measure, aggfunc="mean", dropna=False)
             .sort_index()
             .sort_index(axis=1)
             for _, part in panels
+        ]
+        counted = [
+            part.pivot_table(index="layer", columns="scale", values=measure, aggfunc="size") for _, part in panels
         ]
         finite = [float(v) for table in tables for v in table.to_numpy().ravel() if v == v]
         direction = OVERVIEW_HIGHER_IS_BETTER.get(measure.removeprefix("delta."), 0)
@@ -392,15 +399,20 @@ def sweep_overview_figure(frame: pd.DataFrame) -> go.Figure:
             colours = {1: "RdBu", -1: "RdBu_r"}.get(direction, "PiYG")
             spec |= {"colorscale": colours, "cmin": -reach, "cmax": reach}
         axes[axis] = spec
-        for row, table in enumerate(tables, start=1):
+        for row, (table, counts) in enumerate(zip(tables, counted, strict=True), start=1):
             z = table.to_numpy()
+            runs = counts.reindex(index=table.index, columns=table.columns).fillna(0).to_numpy()
+            text = [
+                [("n/a" if n else "") if v != v else f"{v:.3g}" for v, n in zip(line, run_line, strict=True)]
+                for line, run_line in zip(z, runs, strict=True)
+            ]
             figure.add_trace(
                 go.Heatmap(
                     z=z,
                     x=[f"scale {scale:g}" for scale in table.columns],
                     y=[f"layer {layer}" for layer in table.index],
                     coloraxis=axis,
-                    text=[["n/a" if v != v else f"{v:.3g}" for v in line] for line in z],
+                    text=text,
                     texttemplate="%{text}",
                     hovertemplate=f"%{{y}}, %{{x}}<br>{overview_label(measure)}: %{{text}}<extra></extra>",
                     visible=index == 0,
@@ -423,30 +435,50 @@ def sweep_overview_figure(frame: pd.DataFrame) -> go.Figure:
                 "args": [{"visible": visible}, {"title.text": _overview_title(measure), **shown}],
             }
         )
+    per_row = 5
+    rows_of_buttons = [buttons[i : i + per_row] for i in range(0, len(buttons), per_row)]
+    menus = [
+        {
+            "type": "buttons",
+            "direction": "right",
+            "buttons": row_buttons,
+            "showactive": False,  # the title names the measure shown
+            "x": 0.0,
+            "xanchor": "left",
+            "y": 1.0 + 0.02 + 0.07 * (len(rows_of_buttons) - 1 - number) * (420 / max(420, 330 * n_panels)),
+            "yanchor": "bottom",
+            "pad": {"b": 30},
+        }
+        for number, row_buttons in enumerate(rows_of_buttons)
+    ]
     figure.update_layout(
-        title={"text": _overview_title(measures[0])},
-        updatemenus=[
+        title={"text": _overview_title(measures[0]), "y": 0.99, "yanchor": "top"},
+        updatemenus=menus,
+        margin={"t": 110 + 36 * len(rows_of_buttons), "b": 80},
+        height=height,
+        plot_bgcolor="#c8c8c8",  # grey where a layer x scale point was not run, distinct from any colour
+        annotations=[
+            *figure.layout.annotations,
             {
-                "type": "buttons",
-                "direction": "right",
-                "buttons": buttons,
-                "showactive": True,
-                "x": 0.0,
-                "xanchor": "left",
+                "text": "grey: not run; n/a: run, but nothing to score",
+                "xref": "paper",
+                "yref": "paper",
+                "x": 1.0,
                 "y": 1.0,
+                "xanchor": "right",
                 "yanchor": "bottom",
-                "pad": {"b": 40},
-            }
+                "yshift": 4,
+                "showarrow": False,
+                "font": {"size": 11, "color": "#555"},
+            },
         ],
-        margin={"t": 150},
-        height=max(420, 330 * n_panels + 120),
         **axes,
     )
     return figure
 
 
 def _overview_title(measure: str) -> str:
-    return f"Sweep overview: mean {overview_label(measure)} per layer and scale"
+    return f"Sweep overview: <b>mean {overview_label(measure)}</b> per layer and scale"
 
 
 def sweep_overview_html(frame: pd.DataFrame, title: str = "Sweep overview") -> str:

@@ -308,7 +308,7 @@ def side_by_side_html(
         summary += "; collapsed: " + ", ".join(f"{side} {count}" for side, count in n_collapsed.items())
     pages = f"; rows {start + 1}-{stop} of {len(rows)}" if n_pages > 1 else ""
     return (
-        '<div class="chunky-side-by-side">'
+        '<div class="chunky-side-by-side" style="line-height:1.4">'
         f'<div class="chunky-caption" style="margin:4px 0;font-weight:600">{html.escape(caption)}</div>'
         f'<div class="chunky-summary" style="margin:2px 0 6px;color:#555">{html.escape(summary)}{pages}; '
         f'<span style="{REMOVED_STYLE}">only on the left</span> '
@@ -480,7 +480,7 @@ def token_view_html(
         )
     pages = f'<div style="color:#555">rows {start + 1}-{stop} of {len(rows)}</div>' if n_pages > 1 else ""
     return (
-        f'<div class="chunky-token-view">{reading_legend_html(layer, saturation)}{pages}'
+        f'<div class="chunky-token-view" style="line-height:1.4">{reading_legend_html(layer, saturation)}{pages}'
         '<table style="table-layout:fixed;width:100%;border-collapse:collapse;font-size:13px"><thead><tr>'
         f'<th style="{CELL_STYLE};width:3em">#</th><th style="{CELL_STYLE};width:22%">prompt</th>'
         f'<th style="{CELL_STYLE}">baseline</th><th style="{CELL_STYLE}">steered</th></tr></thead>'
@@ -493,10 +493,11 @@ def token_view_html(
 GRID_TEXT_STYLE = "white-space:pre-wrap;overflow-wrap:anywhere;max-height:11em;overflow-y:auto;font-size:12px"
 
 
-def grid_html(result: Any, relative: Any = None) -> str:
+def grid_html(result: Any, relative: Any = None, band: Any = None) -> str:
     """A layer x scale grid per prompt (`instrument.GridResult`): the baseline on top, then one row per layer
     and one column per scale, each answer with its collapse badge; `relative(layer, scale)` adds the
-    effective magnitude as a share of the layer's mean residual norm to each cell's heading."""
+    effective magnitude as a share of the layer's mean residual norm to each cell's heading, and `band(share)`
+    its band (subtle, strong, likely to collapse)."""
     blocks = []
     n_collapsed = sum(cell.collapse is not None for cell in result.cells if cell.layer is not None)
     n_steered = sum(cell.layer is not None for cell in result.cells)
@@ -508,7 +509,10 @@ def grid_html(result: Any, relative: Any = None) -> str:
             cells = []
             for scale in result.scales:
                 cell = result.cell(p, layer, scale)
-                share = f" ({relative(layer, scale):.0%} of norm)" if relative is not None else ""
+                share = ""
+                if relative is not None:
+                    value = relative(layer, scale)
+                    share = f" ({value:.0%} of norm{': ' + band(value) if band is not None else ''})"
                 cells.append(
                     f'<td class="chunky-grid-cell" data-layer="{layer}" data-scale="{scale:g}" style="{CELL_STYLE}">'
                     f'<div style="{NOTE_STYLE}">L{layer} x {scale:g}{share}</div>{collapse_badge_html(cell.collapse)}'
@@ -528,7 +532,10 @@ def grid_html(result: Any, relative: Any = None) -> str:
         f"{result.seconds:.1f} s; collapsed {n_collapsed} of {n_steered} (loops, repetition or empty: "
         "chunky_utils.collapse; perplexity is not scored here)"
     )
-    return f'<div class="chunky-grid"><div style="color:#555">{html.escape(summary)}</div>{"".join(blocks)}</div>'
+    return (
+        f'<div class="chunky-grid" style="line-height:1.4"><div style="color:#555">{html.escape(summary)}</div>'
+        f"{''.join(blocks)}</div>"
+    )
 
 
 def preview_html(preview: Any, caption: str = "") -> str:
@@ -543,7 +550,7 @@ def preview_html(preview: Any, caption: str = "") -> str:
         rows.append(f'<tr><td style="padding:1px 6px;font-family:monospace">{html.escape(repr(token))}</td>{bars}</tr>')
     prompt = preview.prompt if len(preview.prompt) <= 80 else preview.prompt[:77] + "..."
     return (
-        '<div class="chunky-preview" style="font-size:12px">'
+        '<div class="chunky-preview" style="font-size:12px;line-height:1.4">'
         f'<div style="font-weight:600">Next token {html.escape(caption)}</div>'
         f'<div style="color:#555">for "{html.escape(prompt)}"; KL(steered || unsteered) = '
         f'<span class="chunky-kl">{preview.kl:.3f}</span> nats ({1000 * preview.seconds:.0f} ms)</div>'
@@ -588,7 +595,8 @@ def cell_table_html(cell: pd.DataFrame, page: int = 0, page_size: int | None = 1
         )
     pages = f"; rows {start + 1}-{stop} of {len(records)}" if n_pages > 1 else ""
     return (
-        f'<div class="chunky-cell-table"><div style="margin:4px 0;color:#555">{html.escape(caption)}'
+        '<div class="chunky-cell-table" style="line-height:1.4">'
+        f'<div style="margin:4px 0;color:#555">{html.escape(caption)}'
         f"{len(records)} prompts{pages}</div>"
         '<table style="table-layout:fixed;width:100%;border-collapse:collapse;font-size:13px"><thead><tr>'
         f'<th style="{CELL_STYLE};width:3em">#</th><th style="{CELL_STYLE};width:22%">prompt</th>'

@@ -106,18 +106,26 @@ def parse_numbers(text: str, kind: type, what: str) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+GUARD_CSS = (
+    "<style>.chunky-guarded.mod-active{pointer-events:none;opacity:0.55;cursor:progress}"
+    ".chunky-guarded.mod-active::after{content:' (running)'}</style>"
+)
+"""Makes a pressed guarded button inert in the browser at once: a ToggleButton gets `mod-active` on the
+click itself, before any message reaches the kernel, so a second click of a double click goes nowhere."""
+
+
 @functools.cache
 def guarded_button_class() -> type:
-    """A ToggleButton used as a push button that disables itself in the browser the moment it is pressed
-    (a front-end link from its value to its `disabled`), so a double click cannot start a second run before
-    the kernel hears of the first. The kernel calls `release()` when the run is over."""
+    """A ToggleButton used as a push button that turns inert in the browser the moment it is pressed (its
+    `mod-active` class and GUARD_CSS), so a double click cannot start a second run before the kernel hears
+    of the first; the kernel also ignores presses while a run is going on, and calls `release()` after it."""
     import ipywidgets as widgets
 
     class GuardedButton(widgets.ToggleButton):
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(value=False, **kwargs)
             self._handlers: list[Callable[[Any], None]] = []
-            self._guard = widgets.jsdlink((self, "value"), (self, "disabled"))
+            self.add_class("chunky-guarded")
             self.observe(self._pressed, names="value")
 
         def on_click(self, handler: Callable[[Any], None]) -> None:
@@ -280,7 +288,7 @@ class SteeringPlayground:
             description="your prompts",
             rows=3,
             style=wide,
-            layout={"width": "420px"},
+            layout={"width": "410px"},
         )
         self.max_tokens = widgets.BoundedIntText(
             value=min(config.max_tokens, self.max_tokens_limit),
@@ -294,7 +302,10 @@ class SteeringPlayground:
             value=config.temperature, min=0.0, max=5.0, step=0.05, description="temperature", style=wide
         )
         self.read_tokens = widgets.Checkbox(
-            value=True, description="read tokens (colours; baselines regenerated)", indent=False
+            value=True,
+            description="read tokens",
+            indent=False,
+            tooltip="colour every generated token by its reading at the steered layer (baselines are regenerated)",
         )
         guarded = guarded_button_class()
         self.generate_button = guarded(description="Generate", button_style="primary", icon="play")
@@ -413,11 +424,14 @@ class SteeringPlayground:
                         self.prompts_box,
                     ]
                 ),
-                widgets.VBox([self.preview_view], layout={"width": "340px", "margin": "0 0 0 12px"}),
-            ]
+                widgets.VBox([self.preview_view], layout={"width": "360px", "margin": "0 0 0 12px"}),
+            ],
+            layout={"flex_flow": "row wrap"},
         )
+        self.guard_css = widgets.HTML(GUARD_CSS, layout={"display": "none"})
         self.view = widgets.VBox(
             [
+                self.guard_css,
                 controls,
                 widgets.HBox(
                     [self.generate_button, self.stop_button, self.grid_button, self.read_tokens],
@@ -574,7 +588,9 @@ class SteeringPlayground:
             result = generate_grid(self.loaded, vector, texts, layers, scales, config.generation_settings())
         self.runs += 1
         self.last_grid = result
-        self._shown["grid"] = grid_html(result, lambda layer, scale: relative_magnitude(vector, layer, scale))
+        self._shown["grid"] = grid_html(
+            result, lambda layer, scale: relative_magnitude(vector, layer, scale), self.bands.band
+        )
         self.grid_view.value = self._shown["grid"]
         self.tabs.selected_index = 2
         self.status.value = (
@@ -602,6 +618,7 @@ class SteeringPlayground:
         if not self._busy.acquire(blocking=False):
             return False
         self.last_error = None
+        self.last_progress = None
         self._stop.clear()
         for control in (self.generate_button, self.grid_button):
             control.disabled = True
@@ -619,12 +636,15 @@ class SteeringPlayground:
             try:
                 work()
             except StopRequested:
-                at = self.last_progress.describe() if self.last_progress else "before the first step"
-                self.status.value = f"Stopped ({html.escape(at)}). The answers below are the previous ones."
+                at = self.last_progress
+                where = f"while {at.stage} ({at.detail}) after {at.elapsed_s:.0f} s" if at else "before the first step"
+                self.status.value = f"Stopped {html.escape(where)}. The answers below are the previous ones."
+                self.progress_label.value = f"{name}: stopped"
                 self.progress.bar_style = "warning"
                 self._restore()
             except Exception as exc:  # shown in the widget: a callback has nowhere else to report
                 self._show_error(exc)
+                self.progress_label.value = f"{name}: failed"
                 self.progress.bar_style = "danger"
                 self._restore()
             else:
@@ -720,9 +740,9 @@ class SteeringPlayground:
             f"{self.bands.collapse_from:.0%} of the layer's mean residual norm"
         )
         self.guidance.value = (
-            f'<span class="chunky-band" title="{html.escape(rule)}" style="margin-left:114px">'
-            f"effective magnitude {abs(config.scale) * vector.norm(config.layer):.3g} = <b>{share:.0%}</b> of layer "
-            f'{config.layer}\'s mean norm: <b style="color:{BAND_COLOURS[band]}">{band}</b></span>'
+            f'<div class="chunky-band" title="{html.escape(rule)}" style="margin-left:20px;font-size:12px">'
+            f"scale x norm = {abs(config.scale) * vector.norm(config.layer):.3g} = <b>{share:.0%}</b> of layer "
+            f'{config.layer}\'s mean residual norm: <b style="color:{BAND_COLOURS[band]}">{band}</b></div>'
         )
         if preview and not self.busy:
             self.preview(config, vector)
@@ -739,7 +759,7 @@ class SteeringPlayground:
         prompt = self.runner.prompts(config).inference.prompts[0]
         delta = vector.at(config.layer) * float(config.scale)
         self.last_preview = next_token_preview(
-            self.loaded, prompt, config.layer, delta, positions=config.steer_positions
+            self.loaded, prompt, config.layer, delta, top=5, positions=config.steer_positions
         )
         self.preview_view.value = preview_html(self.last_preview, f"at layer {config.layer}, scale {config.scale:g}")
         return self.last_preview
@@ -813,7 +833,7 @@ class SteeringPlayground:
             self._set_count(max(1, len(typed_prompts(self.prompts_box.value))))
         else:
             self._set_count(self._subset_n_prompts)
-        self.update_guidance(preview=True)
+        self.update_guidance(preview=not getattr(self, "_typing", False))
 
     def _set_count(self, value: int) -> None:
         self.n_prompts.max = max(self.max_prompts, value)
@@ -826,10 +846,20 @@ class SteeringPlayground:
             self._subset_n_prompts = int(change["new"])
 
     def _on_typing(self, _change: dict[str, Any]) -> None:
-        if self.prompt_source_dropdown.value != TYPED_PROMPTS and typed_prompts(self.prompts_box.value):
-            self.prompt_source_dropdown.value = TYPED_PROMPTS  # calls _on_prompt_source
-        elif self.prompt_source_dropdown.value == TYPED_PROMPTS:
-            self._set_count(max(1, len(typed_prompts(self.prompts_box.value))))
+        """Typing selects 'your prompts'; the preview waits for the next slider move or run (not per keystroke)."""
+        self._typing = True
+        try:
+            if self.prompt_source_dropdown.value != TYPED_PROMPTS and typed_prompts(self.prompts_box.value):
+                self.prompt_source_dropdown.value = TYPED_PROMPTS  # calls _on_prompt_source
+            elif self.prompt_source_dropdown.value == TYPED_PROMPTS:
+                self._set_count(max(1, len(typed_prompts(self.prompts_box.value))))
+        finally:
+            self._typing = False
+        if self.last_preview is not None and self.prompt_source_dropdown.value == TYPED_PROMPTS:
+            self.preview_view.value = (
+                '<div style="color:#777;font-size:12px">Next-token preview: your prompts changed; it follows the '
+                "next slider move or run.</div>"
+            )
 
     def _on_generate(self, button: Any) -> None:
         self._start("generating", self.generate, button)

@@ -4,9 +4,15 @@
 
 Starts JupyterLab on a free port with a random token in a scratch folder holding a copy of
 notebooks/02_steering_playground.ipynb (parameters injected as papermill would), opens it in /usr/bin/chromium,
-runs every cell, drags the scale slider, clicks Generate and waits for the steered column to change. Writes
-OUT/playground_before.png, OUT/playground_after.png and OUT/report.json; exits 0 only when the steered texts
-in the page changed (and the baseline texts did not). Every wait is bounded; the whole run takes about a minute.
+runs every cell, then, as a user would:
+- drags the scale slider and double-clicks Generate: the button must be disabled in the page at once, one
+  generation must run, and the steered column change while the (greedy) baseline stays;
+- types a prompt of its own, presses Generate, opens the Tokens tab and finds the tokens coloured;
+- runs a small layer x scale grid;
+- sets a long generation, presses Stop while it runs: the page must say "Stopped" within 2 s and the kernel
+  be idle.
+Writes OUT/*.png (playground_before, playground_after, tokens, grid, stopped, page_after) and OUT/report.json;
+exits 0 only when every check held. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ CHROMIUM_ARGS = [
 ]
 STEERED_CELLS = ".chunky-playground .chunky-side-by-side td.steered"
 BASELINE_CELLS = ".chunky-playground .chunky-side-by-side td.baseline"
+STATUS = ".chunky-playground .chunky-status"
+MY_PROMPT = "Name three colours of the rainbow."
 
 
 class CheckFailed(RuntimeError):
@@ -188,7 +196,33 @@ def drag_scale_slider(page: Any, fraction: float) -> str:
     return slider.locator(".widget-readout").first.inner_text().strip()
 
 
-def check_in_browser(url: str, out: Path, timeout_s: float, fraction: float) -> dict[str, Any]:
+def status_text(page: Any) -> str:
+    return page.locator(STATUS).first.inner_text().strip()
+
+
+def wait_for_status(page: Any, text: str, timeout_ms: float) -> None:
+    page.wait_for_function(
+        "([selector, text]) => { const s = document.querySelector(selector); return s && s.innerText.includes(text); }",
+        arg=[STATUS, text],
+        timeout=timeout_ms,
+    )
+
+
+def kernel_states(base_url: str, token: str) -> list[str]:
+    """The execution state of every running kernel, from the server's REST API."""
+    with urllib.request.urlopen(f"{base_url}/api/kernels?token={token}", timeout=5) as response:
+        return [kernel.get("execution_state", "?") for kernel in json.loads(response.read())]
+
+
+def set_number(page: Any, selector: str, value: int) -> None:
+    box = page.locator(f"{selector} input").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def check_in_browser(
+    url: str, out: Path, timeout_s: float, fraction: float, base_url: str, token: str
+) -> dict[str, Any]:
     from playwright.sync_api import sync_playwright
 
     started = time.monotonic()
@@ -219,36 +253,116 @@ def check_in_browser(url: str, out: Path, timeout_s: float, fraction: float) -> 
             playground.scroll_into_view_if_needed()
             report["steered_before"] = texts(page, STEERED_CELLS)
             report["baseline_before"] = texts(page, BASELINE_CELLS)
+            report["status_before"] = status_text(page)
             report["scale_before"] = page.locator(".chunky-scale .widget-readout").first.inner_text().strip()
             playground.screenshot(path=str(out / "playground_before.png"))
 
+            # 1. a dragged slider and a double click on Generate: one run
             report["scale_after"] = drag_scale_slider(page, fraction)
             if report["scale_after"] == report["scale_before"]:
                 raise CheckFailed(f"dragging the scale slider left it at {report['scale_before']}")
-            page.locator(".chunky-playground .chunky-generate").click(timeout=remaining_ms())
-            mark("slider moved, Generate clicked")
-            page.wait_for_function(
-                """([selector, scale]) => {
-                    const status = document.querySelector(selector);
-                    return status && status.innerText.includes('Generated:') && status.innerText.includes(scale);
-                }""",
-                arg=[".chunky-playground .chunky-status", f"scale {float(report['scale_after']):g}"],
-                timeout=remaining_ms(),
+            generate = page.locator(".chunky-playground .chunky-generate").first
+            box = generate.bounding_box()
+            if not box:
+                raise CheckFailed("the Generate button is not visible")
+            page.mouse.dblclick(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            report["generate_inert_at_once"] = generate.evaluate(
+                "e => e.disabled || (e.classList.contains('mod-active')"
+                " && getComputedStyle(e).pointerEvents === 'none')"
             )
+            mark("Generate double-clicked")
+            wait_for_status(page, "Run 1: generated", remaining_ms())
+            page.wait_for_timeout(2500)  # a second run, had one started, would show by now
+            report["status_after"] = status_text(page)
+            report["one_generation"] = "Run 1: generated" in report["status_after"] and generate.is_enabled()
             mark("generated")
-            report["status_after"] = page.locator(".chunky-playground .chunky-status").first.inner_text().strip()
             report["steered_after"] = texts(page, STEERED_CELLS)
             report["baseline_after"] = texts(page, BASELINE_CELLS)
             report["highlighted_words_after"] = page.locator(".chunky-playground .chunky-added").count()
+            report["preview_after"] = page.locator(".chunky-playground .chunky-preview").first.inner_text()[:300]
+            report["guidance_after"] = page.locator(".chunky-playground .chunky-guidance").first.inner_text().strip()
             playground.scroll_into_view_if_needed()
             playground.screenshot(path=str(out / "playground_after.png"))
+
+            # 2. a prompt of one's own, and its tokens coloured
+            prompts_box = page.locator(".chunky-playground .chunky-prompts-box textarea").first
+            prompts_box.click()
+            prompts_box.type(MY_PROMPT, delay=5)
+            generate.click(timeout=remaining_ms())  # the box sends its text as it loses focus, before the click
+            wait_for_status(page, "Run 2: generated", remaining_ms())
+            report["prompt_source_after_typing"] = page.locator(
+                ".chunky-playground .chunky-prompt-source select"
+            ).first.evaluate("select => select.selectedOptions[0].textContent")
+            report["my_prompt_rows"] = texts(page, ".chunky-playground .chunky-side-by-side td.prompt")
+            page.locator(".chunky-playground .lm-TabBar-tab", has_text="Tokens").first.click()
+            page.wait_for_selector(".chunky-playground .chunky-token", timeout=remaining_ms())
+            report["coloured_tokens"] = page.locator(".chunky-playground .chunky-token[data-value]").count()
+            report["token_title"] = page.locator(".chunky-playground .chunky-token[data-value]").first.get_attribute(
+                "title"
+            )
+            page.locator(".chunky-playground .chunky-tokens").first.scroll_into_view_if_needed()
+            playground.screenshot(path=str(out / "tokens.png"))
+            mark("tokens coloured")
+
+            # 3. a small grid
+            page.locator(".chunky-playground .lm-TabBar-tab", has_text="Grid").first.click()
+            page.locator(".chunky-playground .chunky-grid-button").first.click(timeout=remaining_ms())
+            wait_for_status(page, "grid of", remaining_ms())
+            report["grid_cells"] = page.locator(".chunky-playground .chunky-grid-cell").count()
+            playground.screenshot(path=str(out / "grid.png"))
+            mark("grid")
+
+            # 4. Stop during a long generation
+            page.locator(".chunky-playground .lm-TabBar-tab", has_text="Side by side").first.click()
+            set_number(page, ".chunky-playground .chunky-max-tokens", 2000)
+            page.wait_for_timeout(500)
+            generate.click(timeout=remaining_ms())
+            page.wait_for_function(
+                """() => { const l = document.querySelector('.chunky-playground .chunky-progress-label');
+                           const m = l && l.innerText.match(/token (\\d+) of 2000/); return m && +m[1] >= 5; }""",
+                timeout=remaining_ms(),
+            )
+            report["progress_during"] = page.locator(".chunky-playground .chunky-progress-label").first.inner_text()
+            report["table_dimmed_during"] = page.locator(".chunky-playground .chunky-table .chunky-stale").count() > 0
+            report["kernel_during_generation"] = kernel_states(base_url, token)
+            pressed = time.monotonic()
+            page.locator(".chunky-playground .chunky-stop").first.click(timeout=5000)
+            wait_for_status(page, "Stopped", 10_000)
+            report["stop_answer_s"] = round(time.monotonic() - pressed, 2)
+            page.wait_for_timeout(300)
+            report["kernel_after_stop"] = kernel_states(base_url, token)
+            report["status_stopped"] = status_text(page)
+            playground.screenshot(path=str(out / "stopped.png"))
             page.screenshot(path=str(out / "page_after.png"))
+            mark("stopped")
+        except Exception:
+            page.screenshot(path=str(out / "failure.png"))  # what the page showed when a check failed
+            raise
         finally:
             browser.close()
     report["steered_changed"] = report["steered_after"] != report["steered_before"]
     report["baseline_unchanged"] = report["baseline_after"] == report["baseline_before"]
     report["browser_seconds"] = round(time.monotonic() - started, 1)
     return report
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """What did not hold, in words (empty when the page behaved)."""
+    checks = {
+        "the steered column did not change": report.get("steered_changed"),
+        "the greedy baseline changed": report.get("baseline_unchanged"),
+        "Generate did not turn inert at once on the first click": report.get("generate_inert_at_once"),
+        "a double click did not run exactly one generation": report.get("one_generation"),
+        "the typed prompt is not what ran": report.get("my_prompt_rows") == [MY_PROMPT],
+        "typing did not select 'your prompts'": "your prompts"
+        in str(report.get("prompt_source_after_typing")).replace("\xa0", " "),
+        "no coloured tokens": (report.get("coloured_tokens") or 0) > 3,
+        "the grid is not 3 x 3": report.get("grid_cells") == 9,
+        "the old table was not dimmed during generation": report.get("table_dimmed_during"),
+        "Stop took 2 s or more": (report.get("stop_answer_s") or 99) < 2.0,
+        "the kernel was not idle after Stop": report.get("kernel_after_stop") == ["idle"],
+    }
+    return [what for what, held in checks.items() if not held]
 
 
 def interrupt_on_sigterm() -> None:
@@ -267,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layer", type=int, default=12, help="steering layer (must exist in the model)")
     parser.add_argument("--scale", type=float, default=0.0, help="scale of the first run, before the drag")
     parser.add_argument("--drag-to", type=float, default=0.8, help="where to drop the handle, 0..1 of the track")
-    parser.add_argument("--timeout", type=float, default=140.0, help="seconds for everything in the browser")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds for everything in the browser")
     parser.add_argument("--keep", action="store_true", help="keep the scratch JupyterLab folder")
     args = parser.parse_args(argv)
     if not CHROMIUM.is_file():
@@ -287,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         process = start_lab(root, port, token, out / "jupyterlab.log")
         wait_for_lab(base_url, token, process, timeout=45)
         url = f"{base_url}/lab/tree/{notebook.name}?token={token}"
-        report.update(check_in_browser(url, out, args.timeout, args.drag_to))
+        report.update(check_in_browser(url, out, args.timeout, args.drag_to, base_url, token))
     except Exception as exc:
         report["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0]
     finally:
@@ -296,11 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     report["screenshots"] = sorted(str(p) for p in out.glob("*.png"))
+    report["failures"] = [] if "error" in report else failures(report)
     from chunky_utils.cache import atomic_write_json
 
     atomic_write_json(out / "report.json", report)
-    passed = "error" not in report and report.get("steered_changed") and report.get("baseline_unchanged")
-    print(json.dumps({k: report.get(k) for k in ("scale_before", "scale_after", "steered_changed", "error")}))
+    passed = "error" not in report and not report["failures"]
+    keys = ("scale_before", "scale_after", "stop_answer_s", "failures", "error")
+    print(json.dumps({k: report.get(k) for k in keys}))
     return 0 if passed else 1
 
 

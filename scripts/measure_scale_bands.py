@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-n-samples", type=int, default=6)
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--n-samples", type=int, default=100)
+    parser.add_argument("--shares", nargs="+", type=float, default=list(SHARES), help="relative magnitudes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     runner = Runner()
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             vector, _ = runner.vector(config, runner.prompts(config))
             meta = vector.metadata
             mean_norm = (meta["target_norms"][layer] + meta["baseline_norms"][layer]) / 2
-            scales = [float(f"{share * mean_norm / vector.norm(layer):.3g}") for share in SHARES]
+            scales = [float(f"{share * mean_norm / vector.norm(layer):.3g}") for share in args.shares]
             for record in runner.run(config, scales=scales):
                 path = runner.save(record, overwrite=True)
                 collapsed = record.payload["metadata"]["collapsed"]["steered"]

@@ -577,6 +577,10 @@ def test_collapse_badges_in_the_side_by_side_and_the_comparison(tmp_path: Path) 
 # ---------------------------------------------------------------- issue 13: the playground as an instrument
 
 
+SHORT_PROMPTS = ["Name a bird.", "What is 2 + 2?"]
+"""Quick to read for the tiny model (the bundled FLAN prompts run to thousands of tokens)."""
+
+
 def wait_until(condition: Any, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -603,7 +607,8 @@ def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: L
     playground.stop_button.click()  # from this thread, as the kernel would: the worker keeps running meanwhile
     assert "Stopping" in playground.status.value
     assert playground.wait(10) and time.monotonic() - pressed < 2.0
-    assert playground.status.value.startswith("Stopped (generating: token")
+    assert playground.status.value.startswith("Stopped while generating (token")
+    assert playground.progress_label.value == "generating: stopped"
     assert playground.table.value == shown, "the previous answers stay, undimmed"
     assert not playground.busy and not playground.generate_button.disabled and not playground.generate_button.value
     assert playground.stop_button.disabled and playground.progress.bar_style == "warning"
@@ -617,9 +622,13 @@ def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: L
 
 def test_a_double_click_starts_one_generation(tiny: LoadedModel, tmp_path: Path) -> None:
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
-    link = playground.generate_button._guard
-    assert (link.source[1], link.target[1]) == ("value", "disabled"), "the browser disables it on the first click"
-    assert link.source[0] is playground.generate_button is link.target[0]
+    from chunky_utils.widgets import GUARD_CSS
+
+    assert "chunky-guarded" in playground.generate_button._dom_classes, "inert in the browser once pressed"
+    assert (
+        ".chunky-guarded.mod-active{pointer-events:none" in GUARD_CSS
+        and playground.guard_css in playground.view.children
+    )
     playground.generate_button.click()
     playground.generate_button.click()  # pressed again before the first run ends: ignored
     playground._on_generate(playground.generate_button)  # even a click the browser let through
@@ -664,7 +673,7 @@ def test_token_readings_are_taken_while_generating_and_match_a_second_pass(tiny:
     from chunky_utils.activations import output_hidden
     from chunky_utils.models import find_decoder_layers, format_prompts, tokenize_prompts
 
-    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=8))
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=8), prompts=SHORT_PROMPTS)
     payload = playground.generate()
     readings = playground.last_readings
     rows = payload["results"]
@@ -695,7 +704,7 @@ def test_token_readings_are_taken_while_generating_and_match_a_second_pass(tiny:
 def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, tmp_path: Path) -> None:
     from chunky_utils.instrument import grid_rows
 
-    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=6))
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=6), prompts=SHORT_PROMPTS)
     playground.grid_layers.value = "1, 3"
     playground.grid_scales.value = "2 8"
     playground.grid_prompts.value = 2
@@ -705,7 +714,7 @@ def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, t
     assert (grid.layers, grid.scales, len(grid.prompts)) == ([1, 3], [2.0, 8.0], 2)
     assert len(grid.cells) == 2 * (1 + 4) and playground.tabs.selected_index == 2
     page = playground.grid_view.value
-    assert page.count('class="chunky-grid-cell"') == 8 and "of norm)" in page
+    assert page.count('class="chunky-grid-cell"') == 8 and "of norm: " in page
     assert page.count('class="chunky-collapsed"') == sum(c.collapse is not None for c in grid.cells)
     vector = playground.known_vector(playground.current_config())
     row_prompts, row_cells, deltas = grid_rows(vector, 2, [1, 3], [2.0, 8.0])
@@ -720,7 +729,7 @@ def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, t
 def test_next_token_preview_and_scale_guidance_follow_the_sliders(tiny: LoadedModel, tmp_path: Path) -> None:
     from chunky_utils.instrument import next_token_preview, relative_magnitude
 
-    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False), prompts=SHORT_PROMPTS)
     assert "press Generate" in playground.guidance.value and playground.preview_view.value == ""
     playground.generate()
     vector = playground.known_vector(playground.current_config())
@@ -772,7 +781,7 @@ def test_export_csv_html_and_the_cli_command(tiny: LoadedModel, tmp_path: Path) 
     from chunky_utils.cli import build_parser, config_from_args
     from chunky_utils.notebook import cli_command
 
-    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
+    playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False), prompts=SHORT_PROMPTS)
     assert playground.csv_button.disabled and playground.html_button.disabled
     payload = playground.generate()
     playground.csv_button.click()
@@ -942,9 +951,10 @@ def test_sweep_overview_figure_has_one_entry_per_measure_colour_bars_and_a_page_
             )
     frame = pd.DataFrame(rows)
     figure = plots.sweep_overview_figure(frame)
-    labels = [button.label for button in figure.layout.updatemenus[0].buttons]
+    labels = [button.label for menu in figure.layout.updatemenus for button in menu.buttons]
     assert labels == ["concept score change", "perplexity change", "n tokens change", "text change from the baseline"]
     assert len(set(labels)) == len(labels) and figure.layout.updatemenus[0].type == "buttons"
+    assert "concept score" in figure.layout.title.text
     concept_axis, perplexity_axis = figure.layout.coloraxis, figure.layout.coloraxis2
     assert concept_axis.showscale and concept_axis.colorscale[-1][1] == "rgb(5,48,97)", "concept up: blue"
     assert perplexity_axis.colorscale[-1][1] == "rgb(103,0,31)", "perplexity up: red"
