@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 
 from chunky_utils.cache import ActivationCache, CacheKey, SubsetMean
 from chunky_utils.data import PromptSet
+from chunky_utils.layers import output_hidden as output_hidden  # re-exported for callers of activations
+from chunky_utils.layers import read_layers, run_until_stop
 from chunky_utils.models import (
     LoadedModel,
     chat_template_hash,
@@ -37,10 +39,6 @@ READ_POSITIONS: tuple[str, ...] = ("generation_prompt", "user_end")
 the default) or on the last token of the user turn without the generation prompt."""
 
 
-class _StopForward(Exception):
-    """Raised by the deepest read hook so layers past it never run."""
-
-
 @dataclass(frozen=True)
 class ExtractionStats:
     """What one extraction cost."""
@@ -57,11 +55,6 @@ class ExtractionStats:
     @property
     def tokens_per_second(self) -> float:
         return self.real_tokens / self.seconds if self.seconds else float("inf")
-
-
-def output_hidden(output: Any) -> torch.Tensor:
-    """The hidden-state tensor of a decoder layer's output (a tensor or a tuple, by version)."""
-    return output[0] if isinstance(output, tuple | list) else output
 
 
 def length_sorted_batches(
@@ -127,41 +120,22 @@ def extract_last_token_activations(
         stats = ExtractionStats(len(prompts), sum(lengths), sum(lengths), time.perf_counter() - started)
         _log_extraction(stats, len(wanted), "packed")
         return result, stats
-    hidden = None
     result: torch.Tensor | None = None
-    captured: dict[int, torch.Tensor] = {}
-    deepest = wanted[-1]
-
-    def make_hook(layer: int):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            captured[layer] = output_hidden(output)[:, -1, :].float()
-            if layer == deepest:
-                raise _StopForward
-
-        return hook
-
-    handles = [decoder_layers[layer].register_forward_hook(make_hook(layer)) for layer in wanted]
     real_tokens = padded_tokens = 0
     started = time.perf_counter()
-    try:
+    last_token = lambda output: output_hidden(output)[:, -1, :].float()  # noqa: E731
+    with read_layers(model, wanted, stop_after=True, keep=last_token) as captured:
         batches = length_sorted_batches(lengths, batch_size, max_batch_tokens)
         for batch in tqdm(batches, desc="extract", unit="batch", disable=not progress, leave=False):
             inputs = left_pad([token_ids[i] for i in batch], pad_token_id(tokenizer), device)
             real_tokens += sum(lengths[i] for i in batch)
             padded_tokens += inputs["input_ids"].numel()
             captured.clear()
-            try:
-                model(**inputs, use_cache=False)
-            except _StopForward:
-                pass
+            run_until_stop(lambda inputs=inputs: model(**inputs, use_cache=False))
             stacked = torch.stack([captured[layer] for layer in wanted], dim=1).cpu()
             if result is None:
-                hidden = stacked.shape[-1]
-                result = torch.empty(len(prompts), len(wanted), hidden, dtype=torch.float32)
+                result = torch.empty(len(prompts), len(wanted), stacked.shape[-1], dtype=torch.float32)
             result[torch.tensor(batch)] = stacked
-    finally:
-        for handle in handles:
-            handle.remove()
     stats = ExtractionStats(len(prompts), real_tokens, padded_tokens, time.perf_counter() - started)
     _log_extraction(stats, len(wanted), "padded")
     assert result is not None

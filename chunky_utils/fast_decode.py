@@ -41,8 +41,9 @@ import torch.nn.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
-from chunky_utils.activations import output_hidden
+from chunky_utils.layers import output_hidden
 from chunky_utils.models import LoadedModel, find_decoder_layers, pad_token_id
+from chunky_utils.options import STEER_POSITIONS
 from chunky_utils.packed_extraction import (
     flash_works,
     layer_keys_values,
@@ -54,7 +55,6 @@ from chunky_utils.packed_extraction import (
 )
 from chunky_utils.prefill import cache_argument_name
 from chunky_utils.sampling import SamplingSettings, _gumbel_from_bits, _mix32, _token_offsets, filter_logits, row_states
-from chunky_utils.steering import STEER_POSITIONS
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from chunky_utils.activations import output_hidden
 from chunky_utils.collapse import DISTINCT_2_FLOOR, distinct_n
 from chunky_utils.concept import (
     ConceptAxis,
@@ -32,16 +31,14 @@ from chunky_utils.concept import (
     fit_probe,
     load_contrast_activations,
 )
+from chunky_utils.layers import active_hook_count, read_layers
 from chunky_utils.models import (
     LoadedModel,
-    check_layer,
-    find_decoder_layers,
     format_prompts,
     left_pad,
     pad_token_id,
     tokenize_prompts,
 )
-from chunky_utils.steering import active_hook_count
 from chunky_utils.text_metrics import (
     OVERALL_FORMULA,
     PPL_CEILING,
@@ -251,9 +248,7 @@ def score_texts_and_means(
     layer = axis.layer if axis is not None else (probe.layer if probe is not None else None)
     if axis is not None and probe is not None and axis.layer != probe.layer:
         raise ValueError(f"axis reads layer {axis.layer} but the probe layer {probe.layer}")
-    read_layers = sorted(set(keep_layers) | ({layer} if layer is not None else set()))
-    for read_layer in read_layers:
-        check_layer(model, read_layer)
+    layers_read = sorted(set(keep_layers) | ({layer} if layer is not None else set()))
 
     unique_prompts = list(dict.fromkeys(prompts))
     unique_texts = list(dict.fromkeys(texts))
@@ -276,20 +271,10 @@ def score_texts_and_means(
     with_prompt = torch.full((len(pairs),), float("nan"))
     with_prompt_window = torch.full((len(pairs),), float("nan"))
     without_prompt_window = torch.full((len(read_texts),), float("nan"))
-    means = {read_layer: torch.zeros(len(pairs), loaded.hidden_size) for read_layer in read_layers}
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture_at(read_layer: int) -> Any:
-        def capture(_module: nn.Module, _args: Any, output: Any) -> None:
-            captured[read_layer] = output_hidden(output)
-
-        return capture
-
-    decoder_layers = find_decoder_layers(model)
-    handles = [decoder_layers[index].register_forward_hook(capture_at(index)) for index in read_layers]
+    means = {read_layer: torch.zeros(len(pairs), loaded.hidden_size) for read_layer in layers_read}
     chunks = _row_chunks(rows, batch_size, max_batch_tokens)
     pad_id = pad_token_id(tokenizer)
-    try:
+    with read_layers(model, layers_read) as captured:
         for chunk in tqdm(chunks, desc="metrics", unit="batch", disable=not progress, leave=False):
             members = [rows[i] for i in chunk]
             logprobs, hidden = _read_chunk(model, contexts, text_ids, members, pad_id, loaded.device, captured)
@@ -303,9 +288,6 @@ def score_texts_and_means(
                         means[read_layer][row.slot] = layer_hidden[position]
                 else:
                     without_prompt_window[row.slot] = window_mean
-    finally:
-        for handle in handles:
-            handle.remove()
 
     activations = means.get(layer) if layer is not None else None
     concept = axis.score(activations) if axis is not None and activations is not None else None

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from chunky_utils.errors import UsageError
+from chunky_utils.layers import check_layer as check_layer  # re-exported: models owned these before layers
+from chunky_utils.layers import find_decoder_layers as find_decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -31,19 +33,6 @@ TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox")
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-# Attribute paths to the list of decoder blocks, most common first.
-DECODER_LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi3
-    "model.language_model.layers",  # multimodal wrappers (Gemma3, Llava-style)
-    "language_model.model.layers",
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "model.decoder.layers",  # OPT
-    "transformer.layers",
-    "layers",
-    "h",
 )
 
 
@@ -67,34 +56,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return input_device(self.model)
-
-
-def _get_path(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder blocks, across architectures."""
-    for path in DECODER_LAYER_PATHS:
-        candidate = _get_path(model, path)
-        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
-            return candidate
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if lists:
-        return max(lists, key=len)
-    raise UsageError(f"cannot find decoder layers in {type(model).__name__}")
-
-
-def check_layer(model: nn.Module, layer: int) -> int:
-    """Return `layer` if the model has it, else raise a UsageError naming the valid range."""
-    n_layers = len(find_decoder_layers(model))
-    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n_layers:
-        raise UsageError(f"layer {layer} is out of range: this model has layers 0..{n_layers - 1}")
-    return layer
 
 
 def hidden_size_of(model: nn.Module) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as functional
 from torch import nn
 
-from chunky_utils.activations import output_hidden
+from chunky_utils.layers import output_hidden
 from chunky_utils.models import find_decoder_layers
 
 log = logging.getLogger(__name__)

@@ -14,22 +14,25 @@ then prefills inside `generate`).
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from chunky_utils.activations import length_sorted_batches, output_hidden
+from chunky_utils.activations import length_sorted_batches
+from chunky_utils.layers import (
+    add_deltas,
+    output_hidden,
+    read_layers,
+    run_until_stop,
+    same_structure,
+    skipped_layers,
+)
 from chunky_utils.models import LoadedModel, find_decoder_layers, left_pad, pad_token_id
-from chunky_utils.steering import add_to_layers
 
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-class _StopAfterLayer(Exception):
-    """Raised by the capture hook so the layers after the shared trunk never run."""
 
 
 def cache_argument_name(model: nn.Module) -> str:
@@ -59,64 +62,14 @@ def _plain_layers(cache: Any, layers: range) -> KeysValues | None:
     return [(layer.keys, layer.values) for layer in picked]
 
 
-def _same_structure(output: Any, hidden: torch.Tensor) -> Any | None:
-    """`hidden` shaped like a layer output (a tensor, or a tuple whose other items are None), else None."""
-    if isinstance(output, torch.Tensor):
-        return hidden
-    if isinstance(output, tuple | list) and all(item is None for item in output[1:]):
-        return type(output)([hidden, *output[1:]])
-    return None
-
-
-@contextmanager
-def _skipped_layers(layers: Sequence[nn.Module], last_output: Any) -> Iterator[None]:
-    """Layers 0..k pass their input through, and layer k returns `last_output`: the trunk already ran them."""
-
-    def passthrough(*args: Any, **kwargs: Any) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return _same_structure(last_output, hidden)
-
-    def replay(*_args: Any, **_kwargs: Any) -> Any:
-        return last_output
-
-    originals = [layer.__dict__.get("forward") for layer in layers]
-    for layer in layers[:-1]:
-        layer.forward = passthrough
-    layers[-1].forward = replay
-    try:
-        yield
-    finally:
-        for layer, original in zip(layers, originals, strict=True):
-            if original is None:
-                del layer.forward
-            else:
-                layer.forward = original
-
-
 def _run_body(loaded: LoadedModel, inputs: dict[str, torch.Tensor], hooks: Any = None) -> Any:
     """One body forward (no lm_head) filling a fresh cache; returns the cache."""
     model = loaded.model
     body = getattr(model, model.base_model_prefix, model)
     cache = _empty_cache(model.config)
     with hooks if hooks is not None else nullcontext():
-        try:
-            body(**inputs, use_cache=True, **{cache_argument_name(body): cache})
-        except _StopAfterLayer:
-            pass
+        run_until_stop(lambda: body(**inputs, use_cache=True, **{cache_argument_name(body): cache}))
     return cache
-
-
-@contextmanager
-def _capture_and_stop(layer: nn.Module, box: dict[str, Any]) -> Iterator[None]:
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        box["output"] = output
-        raise _StopAfterLayer
-
-    handle = layer.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @torch.inference_mode()
@@ -157,7 +110,7 @@ def packed_prefill(
             pieces = [(range(n_layers), _run_body(loaded, inputs), row_source)]
         elif not share_trunk:  # one row per prompt: steer the prompt's own pass
             deltas = row_deltas[torch.tensor(chunk_rows)]
-            pieces = [(range(n_layers), _run_body(loaded, inputs, add_to_layers(model, {layer: deltas})), row_source)]
+            pieces = [(range(n_layers), _run_body(loaded, inputs, add_deltas(model, {layer: deltas})), row_source)]
         else:
             deltas = row_deltas[torch.tensor(chunk_rows)]
             pieces = _trunk_and_tail(loaded, decoder_layers, inputs, row_source, deltas, layer)
@@ -179,18 +132,19 @@ def _trunk_and_tail(
 ) -> list[tuple[range, Any, list[int]]]:
     """Layers 0..layer once per prompt; the rest once per row, starting from the trunk's output plus the delta."""
     model = loaded.model
-    box: dict[str, Any] = {}
-    trunk = _run_body(loaded, inputs, _capture_and_stop(decoder_layers[layer], box))
+    trunk_reader = read_layers(model, [layer], stop_after=True, keep=lambda output: output)
+    with trunk_reader as box:
+        trunk = _run_body(loaded, inputs)
     source = torch.tensor(row_source, device=inputs["input_ids"].device)
     row_inputs = {name: tensor[source] for name, tensor in inputs.items()}
-    hidden = output_hidden(box["output"])
-    last_output = _same_structure(box["output"], hidden[source.to(hidden.device)])
+    hidden = output_hidden(box[layer])
+    last_output = same_structure(box[layer], hidden[source.to(hidden.device)])
     identity = list(range(len(row_source)))
     if last_output is None:  # an unusual layer output: run every row through every layer
-        full = _run_body(loaded, row_inputs, add_to_layers(model, {layer: deltas}))
+        full = _run_body(loaded, row_inputs, add_deltas(model, {layer: deltas}))
         return [(range(len(decoder_layers)), full, identity)]
-    with _skipped_layers(decoder_layers[: layer + 1], last_output):
-        tail = _run_body(loaded, row_inputs, add_to_layers(model, {layer: deltas}))
+    with skipped_layers(decoder_layers[: layer + 1], last_output):
+        tail = _run_body(loaded, row_inputs, add_deltas(model, {layer: deltas}))
     return [(range(layer + 1), trunk, row_source), (range(layer + 1, len(decoder_layers)), tail, identity)]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from chunky_utils.activations import subset_means
 from chunky_utils.config import RunConfig
 from chunky_utils.data import PreparedPrompts, default_prompt_set, load_prompt_set
-from chunky_utils.models import LoadedModel, check_layer, load_model
+from chunky_utils.models import LoadedModel, load_model
 from chunky_utils.results import results_path
 from chunky_utils.sampling import SAMPLER_NAME
 from chunky_utils.steering import SteeringVector, contrastive_vector
@@ -59,8 +59,8 @@ def load_run_model(config: RunConfig) -> LoadedModel:
 def steering_vector_for(
     config: RunConfig, loaded: LoadedModel, prompts: PreparedPrompts, layers: Sequence[int] | None = None
 ) -> tuple[SteeringVector, dict[str, bool]]:
-    """The contrastive vector at `layers` (default `config.layer`), through the cache; also which side hit it."""
-    check_layer(loaded.model, config.layer)
+    """The contrastive vector at `layers` (default `config.layer`), through the cache; also which side hit it.
+    The layer was validated where the run was prepared (`Runner.run`)."""
     sides = {}
     for side, prompt_set in (("target", prompts.target), ("baseline", prompts.baseline)):
         sides[side] = subset_means(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,60 +11,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from chunky_utils.activations import SubsetMeans, output_hidden
-from chunky_utils.models import LoadedModel, check_layer, find_decoder_layers
+from chunky_utils.activations import SubsetMeans
+from chunky_utils.layers import RowDeltaHook, active_hook_count, add_deltas
+from chunky_utils.models import LoadedModel
 from chunky_utils.options import STEER_POSITIONS
 
+__all__ = [  # the layer hooks are steering's too
+    "STEER_POSITIONS",
+    "RowDeltaHook",
+    "SteeringVector",
+    "active_hook_count",
+    "add_to_layers",
+    "contrastive_vector",
+    "extract",
+]
 
-class RowDeltaHook:
-    """Forward hook adding `delta` ([hidden] or one row per batch element, [batch, hidden]) to a layer's output."""
-
-    def __init__(self, delta: torch.Tensor, positions: str = "all") -> None:
-        if positions not in STEER_POSITIONS:
-            raise ValueError(f"positions must be one of {STEER_POSITIONS}, got {positions!r}")
-        self.delta = delta
-        self.positions = positions
-        self._cast: torch.Tensor | None = None
-
-    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
-        hidden = output_hidden(output)
-        if self._cast is None or self._cast.device != hidden.device or self._cast.dtype != hidden.dtype:
-            self._cast = self.delta.to(device=hidden.device, dtype=hidden.dtype)
-        delta = self._cast
-        if delta.dim() == 2:
-            if delta.shape[0] != hidden.shape[0]:
-                raise ValueError(f"steering has {delta.shape[0]} rows but the batch has {hidden.shape[0]}")
-            delta = delta[:, None, :]
-        if self.positions == "generated" and hidden.shape[1] != 1:  # a prompt pass: only its last token
-            steered = hidden.clone()
-            steered[:, -1:] += delta
-        else:
-            steered = hidden + delta
-        if isinstance(output, tuple):
-            return (steered, *output[1:])
-        if isinstance(output, list):
-            return [steered, *output[1:]]
-        return steered
-
-
-@contextmanager
-def add_to_layers(model: nn.Module, deltas: Mapping[int, torch.Tensor], positions: str = "all") -> Iterator[None]:
-    """Add a delta to each listed layer's output while the block runs; the hooks always come off."""
-    layers = find_decoder_layers(model)
-    for layer in deltas:
-        check_layer(model, layer)
-    handles = [layers[layer].register_forward_hook(RowDeltaHook(delta, positions)) for layer, delta in deltas.items()]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def active_hook_count(model: nn.Module) -> int:
-    """Steering hooks currently on the decoder layers (0 when nothing is steering)."""
-    layers = find_decoder_layers(model)
-    return sum(isinstance(hook, RowDeltaHook) for layer in layers for hook in layer._forward_hooks.values())
+add_to_layers = add_deltas
+"""The steering name of `layers.add_deltas`."""
 
 
 @dataclass
