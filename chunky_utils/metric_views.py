@@ -388,11 +388,24 @@ def heatmap_trace(summary: pd.DataFrame, metric: str, log_color: bool | None = N
     )
 
 
+NOT_RUN_COLOUR = "#c8c8c8"
+"""The plot background: a layer x scale cell with no run shows grey, a colour no value takes."""
+
+SHORT_TITLES: dict[str, str] = {"concept_delta": "Δ concept", "perplexity": "perplexity", "probe_delta": "Δ probe"}
+
+
 def _legend(best_by: str) -> str:
     return (
         f"★ best scale by {best_by}; ✕ collapsed (at least {CELL_COLLAPSE_SHARE:.0%} of steered answers loop, "
-        "repeat or read as nonsense: chunky_utils.collapse); n/a: nothing to score; blue = better, red = worse"
+        "repeat or read as nonsense: chunky_utils.collapse)<br>blue = better, red = worse; n/a: nothing to "
+        "score; grey: not run"
     )
+
+
+def _short_colorbar(trace: Any, metric: str) -> None:
+    """A colour bar title short enough to sit beside a subplot (the subplot's title has the long form)."""
+    arrow = {1: " ↑ better", -1: " ↓ better"}.get(HIGHER_IS_BETTER.get(metric, 0), "")
+    trace.colorbar.title.text = f"{SHORT_TITLES.get(metric, metric)}<br>{arrow.strip()}" if arrow else metric
 
 
 def layer_scale_heatmap(
@@ -412,6 +425,8 @@ def layer_scale_heatmap(
         title={"text": f"{name}: {metric_title(metric)}<br><sup>{_legend(best_by)}</sup>"},
         xaxis={"title": "scale", "type": "category"},
         yaxis={"title": "layer", "type": "category"},
+        plot_bgcolor=NOT_RUN_COLOUR,
+        margin={"t": 120},
     )
     return figure
 
@@ -436,6 +451,7 @@ def metric_heatmaps(
     figure = make_subplots(rows=1, cols=len(metrics), subplot_titles=titles, horizontal_spacing=0.2)
     for column, metric in enumerate(metrics, start=1):
         trace = heatmap_trace(summary, metric)
+        _short_colorbar(trace, metric)
         axis_name = "xaxis" if column == 1 else f"xaxis{column}"
         trace.colorbar.x = figure.layout[axis_name].domain[1] + 0.01
         trace.colorbar.len = 0.9
@@ -443,5 +459,7 @@ def metric_heatmaps(
         figure.update_xaxes(title_text="scale", type="category", row=1, col=column)
         figure.update_yaxes(title_text="layer", type="category", row=1, col=column)
     name = experiment or _only_experiment(frame)
-    figure.update_layout(title={"text": f"{name}<br><sup>{_legend(best_by)}</sup>"}, margin={"t": 110})
+    figure.update_layout(
+        title={"text": f"{name}<br><sup>{_legend(best_by)}</sup>"}, margin={"t": 130}, plot_bgcolor=NOT_RUN_COLOUR
+    )
     return figure
