@@ -151,6 +151,11 @@ def cosine_heatmap_figure(means: Mapping[str, SubsetMeans], layer: int, center: 
         raise UsageError(f"no mean at layer {layer} for subsets {', '.join(missing)}")
     if len(means) < 2:
         raise UsageError("a cosine heatmap needs at least two subsets")
+    if center and len(means) < 3:
+        raise UsageError(
+            "the centred view needs at least three subsets: two means minus their average point in opposite "
+            "directions by construction (cosine -1), whatever the subsets"
+        )
     stacked = torch.stack([m.means[layer].mean_vector.float() for m in means.values()])
     if center:
         stacked = stacked - stacked.mean(dim=0, keepdim=True)

@@ -108,9 +108,17 @@ means_table(means, layer)""",
         """## How alike are the subset means?
 
 Raw means point almost the same way (every cosine near 1: they share a large common component), so the second
-map subtracts the mean over the subsets shown first; both use the full -1..1 colour range.""",
+map subtracts the mean over the subsets shown first; both use the full -1..1 colour range. The centred map needs
+three or more subsets (`extra_subsets` or `all_subsets=True`): two centred means are opposite by construction.""",
     ),
-    ("code", "cosine_heatmap_figure(means, layer).show()\ncosine_heatmap_figure(means, layer, center=True).show()"),
+    (
+        "code",
+        """cosine_heatmap_figure(means, layer).show()
+if len(means) >= 3:
+    cosine_heatmap_figure(means, layer, center=True).show()
+else:
+    print("centred map skipped: it needs three or more subsets (two centred means are always opposite)")""",
+    ),
     ("md", "## Single prompts: 2-D PCA at the chosen layer"),
     (
         "code",

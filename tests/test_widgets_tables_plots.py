@@ -369,6 +369,9 @@ def test_cosine_heatmap_of_all_nineteen_subsets(nineteen_subsets: dict[str, Any]
     assert (centred.data[0].zmin, centred.data[0].zmax) == (-1.0, 1.0)
     with pytest.raises(UsageError, match="at least two"):
         plots.cosine_heatmap_figure({"12": nineteen_subsets["means"]["12"]}, layer=2)
+    two = {key: nineteen_subsets["means"][key] for key in ("12", "0")}
+    with pytest.raises(UsageError, match="opposite directions by construction"):
+        plots.cosine_heatmap_figure(two, layer=2, center=True)
 
 
 def test_pca_figure_colours_prompts_by_subset(tiny: LoadedModel, nineteen_subsets: dict[str, Any]) -> None:
