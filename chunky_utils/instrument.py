@@ -28,7 +28,7 @@ from chunky_utils.cache import ActivationCache
 from chunky_utils.collapse import collapse_reason
 from chunky_utils.generation import GenerationSettings, generate_rows
 from chunky_utils.models import LoadedModel, find_decoder_layers, format_prompts, tokenize_prompts
-from chunky_utils.steering import RowDeltaHook, SteeringVector, add_to_layers, contrastive_vector
+from chunky_utils.steering import RowDeltaHook, SteeringVector, active_hook_count, add_to_layers, contrastive_vector
 
 STAGES: tuple[str, ...] = ("extracting", "generating", "scoring")
 FAST_DECODE_SWITCH = "CHUNKY_FAST_DECODE"
@@ -141,8 +141,7 @@ class RunWatch:
     # ------------------------------------------------------------ hooks
 
     def _steering_active(self) -> bool:
-        layers = find_decoder_layers(self.loaded.model)
-        return any(isinstance(hook, RowDeltaHook) for layer in layers for hook in layer._forward_hooks.values())
+        return active_hook_count(self.loaded.model) > 0
 
     def _on_any_forward(self, _module: nn.Module, args: Any, kwargs: Any) -> None:
         if self.stop.is_set():
