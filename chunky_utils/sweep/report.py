@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,80 +28,11 @@ def summarize(folder: Path | str) -> Any:
     return results_table(Path(folder), skip_unreadable=True)
 
 
-def overview_measures(frame: Any) -> list[str]:
-    """What the overview can show: every metric's steered-minus-baseline delta, then the text change."""
-    return [column for column in frame.columns if column.startswith("delta.")] + ["text_change"]
-
-
-def _group_label(value: Any) -> str:
-    missing = value is None or (isinstance(value, float) and math.isnan(value))
-    return "None" if missing else str(value)
-
-
 def overview_figure(frame: Any) -> Any:
-    """Layer x scale heatmaps of mean values over prompts, one per pair and inference set; a menu picks the measure."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
+    """Layer x scale heatmaps of a sweep's summary (`chunky_utils.plots.sweep_overview_figure`)."""
+    from chunky_utils.plots import sweep_overview_figure
 
-    measures = overview_measures(frame)
-    keys = ["target_subset", "baseline_subset", "inference_dataset", "inference_n_samples"]
-    # built-in prompts have no inference set: name them, since pandas drops missing group keys
-    frame = frame.assign(**{key: frame[key].map(_group_label) for key in keys})
-    panels = list(frame.groupby(keys, sort=False, dropna=False))
-    titles = [
-        f"{target} vs {baseline} on {'built-in prompts' if dataset == 'None' else f'{dataset} x {n}'}"
-        for (target, baseline, dataset, n), _ in panels
-    ]
-    figure = make_subplots(rows=len(panels), cols=1, subplot_titles=titles)
-    for measure in measures:
-        for row, (_key, panel) in enumerate(panels, start=1):
-            table = panel.pivot_table(index="layer", columns="scale", values=measure, aggfunc="mean")
-            table = table.sort_index().sort_index(axis=1)
-            figure.add_trace(
-                go.Heatmap(
-                    z=table.to_numpy(),
-                    x=[f"scale {scale:g}" for scale in table.columns],
-                    y=[f"layer {layer}" for layer in table.index],
-                    colorscale="RdBu" if measure.startswith("delta.") else "Viridis",
-                    zmid=0 if measure.startswith("delta.") else None,
-                    showscale=False,
-                    texttemplate="%{z:.3g}",
-                    hovertemplate=f"%{{y}}, %{{x}}<br>{measure}: %{{z:.4g}}<extra></extra>",
-                    visible=measure == measures[0],
-                    name=measure,
-                ),
-                row=row,
-                col=1,
-            )
-    buttons = [
-        {
-            "label": measure,
-            "method": "update",
-            "args": [
-                {"visible": [m == measure for m in measures for _ in panels]},
-                {"title.text": f"Sweep overview: mean {measure} per layer and scale"},
-            ],
-        }
-        for measure in measures
-    ]
-    figure.update_layout(
-        title={"text": f"Sweep overview: mean {measures[0]} per layer and scale"},
-        updatemenus=[
-            {
-                "buttons": buttons,
-                "direction": "down",
-                "x": 1.0,
-                "xanchor": "right",
-                "y": 1.0,
-                "yanchor": "bottom",
-                "pad": {"b": 36},
-            }
-        ],
-        margin={"t": 140},
-        height=max(360, 300 * len(panels)),
-        width=760,
-    )
-    return figure
+    return sweep_overview_figure(frame)
 
 
 def write_summary(folder: Path | str) -> tuple[Path | None, Path | None]:
@@ -117,7 +47,9 @@ def write_summary(folder: Path | str) -> tuple[Path | None, Path | None]:
     if importlib.util.find_spec("plotly") is None:
         log.warning("plotly is not installed: no %s (pip install plotly, then rerun to redraw)", FIGURE_FILE)
         return summary, None
-    html = overview_figure(frame).to_html(include_plotlyjs=True, full_html=True)
+    from chunky_utils.plots import sweep_overview_html
+
+    html = sweep_overview_html(frame, title=f"Sweep overview: {folder.name}")
     return summary, atomic_write_text(folder / FIGURE_FILE, html)
 
 
