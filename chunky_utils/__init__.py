@@ -10,14 +10,40 @@ The verbs a notebook needs, in the order of a run:
     records = Runner(loaded).run(RunConfig("12", "0", 16))  # the CLI's whole run, as values
 """
 
-from chunky_utils.activations import extract_last_token_activations, subset_means
-from chunky_utils.config import RunConfig
-from chunky_utils.data import TULU_SET_LABELS, TULU_SET_MAP, load_prompt_set
-from chunky_utils.errors import UsageError
-from chunky_utils.generation import GenerationSettings, generate_rows, generate_with_scales
-from chunky_utils.models import EMBEDDED_MODEL_ID, LoadedModel, find_decoder_layers, load_model
-from chunky_utils.pipeline import Runner, run_experiment
-from chunky_utils.steering import SteeringVector, contrastive_vector, extract
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> module. Imported on first use, so `import chunky_utils.cli` or `chunky_utils.sweep` stays light.
+_EXPORTS: dict[str, str] = {
+    "EMBEDDED_MODEL_ID": "chunky_utils.options",
+    "TULU_SET_LABELS": "chunky_utils.data",
+    "TULU_SET_MAP": "chunky_utils.data",
+    "GenerationSettings": "chunky_utils.generation",
+    "LoadedModel": "chunky_utils.models",
+    "RunConfig": "chunky_utils.config",
+    "Runner": "chunky_utils.pipeline",
+    "SteeringVector": "chunky_utils.steering",
+    "UsageError": "chunky_utils.errors",
+    "contrastive_vector": "chunky_utils.steering",
+    "extract": "chunky_utils.steering",
+    "extract_last_token_activations": "chunky_utils.activations",
+    "find_decoder_layers": "chunky_utils.layers",
+    "generate_rows": "chunky_utils.generation",
+    "generate_with_scales": "chunky_utils.generation",
+    "load_model": "chunky_utils.models",
+    "load_prompt_set": "chunky_utils.data",
+    "run_experiment": "chunky_utils.pipeline",
+    "subset_means": "chunky_utils.activations",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'chunky_utils' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -1,23 +1,22 @@
 """Layer x scale views of the per-generation metrics: tables, heatmaps, best and collapse scales, cell texts.
 
 Everything starts from `metrics_frame(...)`: one row per (results file, prompt) with the texts and
-`baseline_<metric>`, `steered_<metric>` and `delta_<metric>` columns. plotly is imported only by the figure
-functions.
+`baseline.<metric>`, `steered.<metric>` and `delta.<metric>` columns (`results.results_table`'s naming).
+plotly is imported only by the figure functions.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from chunky_utils.collapse import CELL_COLLAPSE_SHARE, metrics_collapse_reason, row_collapse
+from chunky_utils.collapse import CELL_COLLAPSE_SHARE, metrics_collapse_reason
 from chunky_utils.metrics import METRIC_NAMES
+from chunky_utils.results import results_table
 
 SUMMARY_COLUMNS: tuple[str, ...] = (
     "layer",
@@ -40,77 +39,28 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
     "best",
 )
 
-_TEXT_COLUMNS = ("prompt_idx", "prompt_id", "prompt", "baseline", "steered", "baseline_collapse", "steered_collapse")
+_TEXT_COLUMNS = ("prompt_idx", "prompt_id", "prompt", "baseline", "steered", "baseline.collapse", "steered.collapse")
 
 
 # ---------------------------------------------------------------- frame
 
 
-def _payloads(sources: Any) -> Iterable[tuple[str | None, dict[str, Any]]]:
-    if isinstance(sources, Mapping) and "results" in sources:
-        yield None, dict(sources)
-        return
-    if isinstance(sources, str | Path):
-        sources = [sources]
-    for source in sources:
-        if isinstance(source, Mapping):
-            yield None, dict(source)
-            continue
-        path = Path(source)
-        if path.is_dir():
-            from chunky_utils.results import iter_results_files
-
-            for found in iter_results_files(path):
-                yield str(found), json.loads(found.read_text(encoding="utf-8"))
-        else:
-            yield str(path), json.loads(path.read_text(encoding="utf-8"))
-
-
-def _experiment_label(path: str | None, metadata: Mapping[str, Any]) -> str:
-    if path is not None:
-        where = Path(path)
-        return f"{where.parent.parent.name}/{where.name} [{metadata.get('model_name', '?')}]"
-    inference = metadata.get("inference_dataset") or "builtin"
-    return (
-        f"{metadata.get('target_subset')}_{metadata.get('baseline_subset')}/{inference}_"
-        f"{metadata.get('inference_n_samples')} [{metadata.get('model_name', '?')}]"
-    )
-
-
 def metrics_frame(sources: Any) -> pd.DataFrame:
-    """One row per (results file, prompt): texts, layer, scale and baseline_/steered_/delta_<metric> columns.
+    """`results.results_table` with every metric column present: `baseline.<metric>`, `steered.<metric>`,
+    `delta.<metric>` (NaN for rows written with `--no-metrics`), sorted by experiment, layer, scale, prompt.
 
     `sources`: a results folder (searched recursively), a results file, a loaded payload, or a list of these.
-    Rows written with `--no-metrics` get NaN metric columns.
     """
-    records = []
-    for path, payload in _payloads(sources):
-        metadata = payload.get("metadata", {})
-        base = {
-            "path": path,
-            "experiment": _experiment_label(path, metadata),
-            "model_name": metadata.get("model_name"),
-            "target_subset": metadata.get("target_subset"),
-            "baseline_subset": metadata.get("baseline_subset"),
-            "inference_dataset": metadata.get("inference_dataset"),
-            "layer": int(metadata["layer"]),
-            "scale": float(metadata["scale"]),
-        }
-        for row in payload.get("results", []):
-            record = {**base, **{key: row.get(key) for key in _TEXT_COLUMNS}}
-            record |= {f"{side}_collapse": row_collapse(row, side) for side in ("baseline", "steered")}
-            metrics = row.get("metrics") or {}
-            for side in ("baseline", "steered"):
-                values = metrics.get(side) or {}
-                for name in METRIC_NAMES:
-                    value = values.get(name)
-                    record[f"{side}_{name}"] = float(value) if value is not None else math.nan
-            for name in METRIC_NAMES:
-                record[f"delta_{name}"] = record[f"steered_{name}"] - record[f"baseline_{name}"]
-            records.append(record)
-    frame = pd.DataFrame.from_records(records)
+    frame = results_table(sources)
     if frame.empty:
         return frame
+    missing = {
+        f"{side}.{name}": math.nan
+        for side in ("baseline", "steered", "delta")
+        for name in METRIC_NAMES
+        if f"{side}.{name}" not in frame
+    }
+    frame = frame.assign(**missing, layer=frame["layer"].astype(int), scale=frame["scale"].astype(float))
     return frame.sort_values(["experiment", "layer", "scale", "prompt_idx"], kind="stable").reset_index(drop=True)
 
 
@@ -147,30 +97,30 @@ def layer_scale_summary(
     """
     frame = _one_experiment(frame, experiment)
     rows = []
-    if "steered_collapse" not in frame:  # a frame built by hand: judge each row from its metric columns
-        frame = frame.assign(steered_collapse=[_collapse_from_columns(row) for _, row in frame.iterrows()])
+    if "steered.collapse" not in frame:  # a frame built by hand: judge each row from its metric columns
+        frame = frame.assign(**{"steered.collapse": [_collapse_from_columns(row) for _, row in frame.iterrows()]})
     for (layer, scale), cell in frame.groupby(["layer", "scale"], sort=True):
-        steered_distinct = cell["steered_distinct_2"].fillna(0.0)
-        baseline_ppl = float(cell["baseline_perplexity"].median())
-        steered_ppl = float(cell["steered_perplexity"].median())
+        steered_distinct = cell["steered.distinct_2"].fillna(0.0)
+        baseline_ppl = float(cell["baseline.perplexity"].median())
+        steered_ppl = float(cell["steered.perplexity"].median())
         rows.append(
             {
                 "layer": int(layer),
                 "scale": float(scale),
                 "n": len(cell),
-                "concept_delta": cell["delta_concept_score"].mean(),
-                "concept_steered": cell["steered_concept_score"].mean(),
-                "concept_baseline": cell["baseline_concept_score"].mean(),
-                "probe_delta": cell["delta_concept_probe"].mean(),
+                "concept_delta": cell["delta.concept_score"].mean(),
+                "concept_steered": cell["steered.concept_score"].mean(),
+                "concept_baseline": cell["baseline.concept_score"].mean(),
+                "probe_delta": cell["delta.concept_probe"].mean(),
                 "perplexity": steered_ppl,
                 "baseline_perplexity": baseline_ppl,
                 "perplexity_ratio": steered_ppl / baseline_ppl if baseline_ppl > 0 else math.nan,
                 "distinct_2": float(steered_distinct.mean()),
-                "relevance": cell["steered_relevance"].mean(),
-                "relevance_delta": cell["delta_relevance"].mean(),
-                "overall": cell["steered_overall"].mean(),
-                "empty_share": float((cell["steered_n_tokens"].fillna(0) == 0).mean()),
-                "collapsed_share": float(cell["steered_collapse"].notna().mean()),
+                "relevance": cell["steered.relevance"].mean(),
+                "relevance_delta": cell["delta.relevance"].mean(),
+                "overall": cell["steered.overall"].mean(),
+                "empty_share": float((cell["steered.n_tokens"].fillna(0) == 0).mean()),
+                "collapsed_share": float(cell["steered.collapse"].notna().mean()),
             }
         )
     summary = pd.DataFrame.from_records(rows, columns=[c for c in SUMMARY_COLUMNS if c not in ("collapsed", "best")])
@@ -226,7 +176,7 @@ def collapse_scale_per_layer(
 
 
 def _collapse_from_columns(row: pd.Series) -> str | None:
-    values = {name: row.get(f"steered_{name}") for name in ("perplexity", "distinct_2", "n_tokens")}
+    values = {name: row.get(f"steered.{name}") for name in ("perplexity", "distinct_2", "n_tokens")}
     return metrics_collapse_reason({k: None if v is None or pd.isna(v) else float(v) for k, v in values.items()})
 
 
@@ -240,10 +190,10 @@ def cell_rows(
     experiment: str | None = None,
     metrics: Iterable[str] = ("concept_score", "perplexity", "distinct_2", "relevance", "overall"),
 ) -> pd.DataFrame:
-    """The prompts, baseline and steered texts of one (layer, scale) cell, with baseline_/steered_ metrics."""
+    """The prompts, baseline and steered texts of one (layer, scale) cell, with baseline./steered. metrics."""
     frame = _one_experiment(frame, experiment)
     cell = frame[(frame["layer"] == int(layer)) & np.isclose(frame["scale"], float(scale))]
-    columns = list(_TEXT_COLUMNS) + [f"{side}_{name}" for name in metrics for side in ("baseline", "steered")]
+    columns = list(_TEXT_COLUMNS) + [f"{side}.{name}" for name in metrics for side in ("baseline", "steered")]
     return cell[[c for c in columns if c in cell]].reset_index(drop=True)
 
 

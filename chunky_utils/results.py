@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,7 +188,8 @@ def row_record(row: ResultRow) -> dict[str, Any]:
         record[f"{side}.chars"] = len(text)
         record[f"{side}.collapse"] = row_collapse(as_dict, side)
         for name, value in (row.metrics.get(side) or {}).items():
-            record[f"{side}.{name}"] = float(value) if is_number(value) else value
+            if is_number(value) or value is None:
+                record[f"{side}.{name}"] = float(value) if value is not None else math.nan
     record["collapsed"] = record["steered.collapse"] is not None
     for name in [key.removeprefix("steered.") for key in record if key.startswith("steered.")]:
         steered, baseline = record.get(f"steered.{name}"), record.get(f"baseline.{name}")
@@ -206,8 +208,11 @@ def config_label(metadata: Mapping[str, Any]) -> str:
     )
 
 
-def experiment_label(metadata: Mapping[str, Any]) -> str:
-    """What a layer x scale view compares: pair, inference prompts and model (layer and scale vary inside)."""
+def experiment_label(metadata: Mapping[str, Any], path: Path | None = None) -> str:
+    """What a layer x scale view compares (layer and scale vary inside): '12_0/out_0_50.json [model]' for a
+    file (its pair folder and file name), else the pair, inference prompts and model from the metadata."""
+    if path is not None:
+        return f"{path.parent.parent.name}/{path.name} [{metadata.get('model_name', '?')}]"
     inference = metadata.get("inference_dataset") or "built-in"
     count = "" if metadata.get("inference_dataset") is None else f" x{metadata.get('inference_n_samples')}"
     return (
@@ -253,7 +258,7 @@ def results_table(sources: Any, skip_unreadable: bool = False) -> pd.DataFrame:
             "point_id": str(Path(config_id).with_suffix("")),
             "path": str(result.path) if result.path is not None else None,
             "config": config_label(result.metadata),
-            "experiment": experiment_label(result.metadata),
+            "experiment": experiment_label(result.metadata, result.path),
             "pair": f"{result.metadata.get('target_subset')}_{result.metadata.get('baseline_subset')}",
             **flatten(result.metadata),
         }

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from chunky_utils.collapse import row_collapse
 from chunky_utils.data import TULU_SET_LABELS
 from chunky_utils.errors import UsageError
-from chunky_utils.results import iter_results_files, read_results
+from chunky_utils.results import is_number, read_results, results_table
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -45,61 +45,10 @@ def subset_title(subset: Any) -> str:
     return f"{key} {TULU_SET_LABELS[key]}" if key in TULU_SET_LABELS else key
 
 
-def config_label(metadata: Mapping[str, Any]) -> str:
-    """A short name for one results file: pair, layer, scale and prompt source."""
-    prompts = metadata.get("inference_dataset")
-    source = "built-in" if prompts is None else f"{prompts} x{metadata.get('inference_n_samples')}"
-    return (
-        f"{metadata.get('target_subset')}_{metadata.get('baseline_subset')} "
-        f"L{metadata.get('layer')} s{float(metadata.get('scale', 0.0)):g} ({source})"
-    )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def word_count(text: str) -> int:
-    return len(str(text).split())
-
-
-def rows_of_payload(payload: Mapping[str, Any], path: Path | str, config_id: str) -> list[dict[str, Any]]:
-    """Flat rows (one per prompt) of one results payload: scalar metadata, texts, lengths and metrics."""
-    metadata = payload["metadata"]
-    scalars = {k: v for k, v in metadata.items() if v is None or isinstance(v, str | int | float | bool)}
-    common = {
-        **scalars,
-        "config": config_label(metadata),
-        "config_id": config_id,
-        "path": str(path),
-        "pair": f"{metadata.get('target_subset')}_{metadata.get('baseline_subset')}",
-    }
-    rows = []
-    for index, row in enumerate(payload["results"]):
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}: results[{index}] is not an object")
-        flat = {**common, **{key: row.get(key) for key in ROW_KEYS}}
-        for side in SIDES:
-            text = str(row.get(side) or "")
-            flat[f"{side}.words"] = word_count(text)
-            flat[f"{side}.chars"] = len(text)
-            flat[f"{side}_collapse"] = row_collapse(row, side)
-        metrics = row.get("metrics") or {}
-        for side in SIDES:
-            for name, value in (metrics.get(side) or {}).items():
-                if _is_number(value):
-                    flat[f"{side}.{name}"] = float(value)
-        for name in measure_names_of(flat):
-            if f"baseline.{name}" in flat and f"steered.{name}" in flat:
-                flat[f"delta.{name}"] = flat[f"steered.{name}"] - flat[f"baseline.{name}"]
-        rows.append(flat)
-    return rows
-
-
 def measure_names_of(columns: Any) -> list[str]:
     """Names measured on the steered text ('words', 'chars', then any metrics), from column names."""
     names = [str(c).removeprefix("steered.") for c in columns if str(c).startswith("steered.")]
-    return list(dict.fromkeys(names))
+    return [name for name in dict.fromkeys(names) if name != "collapse"]
 
 
 def metric_names(frame: pd.DataFrame) -> list[str]:
@@ -108,19 +57,14 @@ def metric_names(frame: pd.DataFrame) -> list[str]:
 
 
 def load_results_frame(root: Path | str) -> pd.DataFrame:
-    """Every seed-format results JSON under `root` in one DataFrame: one row per prompt and config."""
-    import pandas as pd
-
+    """Every seed-format results JSON under `root` in one DataFrame (`results.results_table`): one row per
+    prompt and config, checked to be seed-format files."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(f"results folder not found: {root}")
-    rows: list[dict[str, Any]] = []
-    for path in iter_results_files(root):
-        payload = read_results(path)
-        rows += rows_of_payload(payload, path, str(path.relative_to(root)))
-    if not rows:
+    frame = results_table(root)
+    if frame.empty:
         raise UsageError(f"no results JSON under {root} (expected {{target}}_{{baseline}}/layer_*_scale_*/*.json)")
-    frame = pd.DataFrame(rows)
     for column in ("layer", "scale"):
         if column not in frame.columns or frame[column].isna().any():
             raise UsageError(f"results under {root} lack metadata {column!r}: not seed-format files")
@@ -175,9 +119,9 @@ def word_diff_html(left: str, right: str) -> tuple[str, str]:
 def magnitude_text(metadata: Mapping[str, Any]) -> str:
     """'vector norm 3.2, effective magnitude 6.4' (empty when the metadata lacks both)."""
     numbers = []
-    if _is_number(metadata.get("contrastive_vector_norm")):
+    if is_number(metadata.get("contrastive_vector_norm")):
         numbers.append(f"vector norm {metadata['contrastive_vector_norm']:.4g}")
-    if _is_number(metadata.get("effective_magnitude")):
+    if is_number(metadata.get("effective_magnitude")):
         numbers.append(f"effective magnitude {metadata['effective_magnitude']:.4g}")
     return ", ".join(numbers)
 
@@ -340,7 +284,7 @@ def comparison_rows(
     (left_part, left_column), (right_part, right_column) = sides
 
     def reasons(part: pd.DataFrame, column: str) -> list[Any]:
-        name = f"{column}_collapse"
+        name = f"{column}.collapse"
         return [_known_reason(value) for value in part[name]] if name in part else [None] * len(part)
 
     right_by_prompt = dict(zip(right_part["prompt"], right_part[right_column], strict=True))
@@ -568,7 +512,7 @@ _METRIC_SHORT = {"concept_score": "concept", "perplexity": "ppl", "distinct_2": 
 def _metric_line(row: Mapping[str, Any], side: str) -> str:
     parts = []
     for name, short in _METRIC_SHORT.items():
-        value = row.get(f"{side}_{name}")
+        value = row.get(f"{side}.{name}")
         if isinstance(value, int | float) and value == value:
             parts.append(f"{short} {value:.3g}")
     return f'<div style="{NOTE_STYLE}">{" · ".join(parts)}</div>' if parts else ""
@@ -583,7 +527,7 @@ def cell_table_html(cell: pd.DataFrame, page: int = 0, page_size: int | None = 1
     for row in records[start:stop]:
         cells = []
         for side in SIDES:
-            reason = _known_reason(row.get(f"{side}_collapse"))
+            reason = _known_reason(row.get(f"{side}.collapse"))
             cells.append(
                 f'<td class="{side}" style="{CELL_STYLE}">{collapse_badge_html(reason)}'
                 f"{html.escape(str(row.get(side) or ''))}{_metric_line(row, side)}</td>"
@@ -618,7 +562,7 @@ def export_frame(payload: Mapping[str, Any]) -> pd.DataFrame:
         for side in SIDES:
             record[f"{side}_collapse"] = row_collapse(row, side)
             for name, value in ((row.get("metrics") or {}).get(side) or {}).items():
-                if _is_number(value):
+                if is_number(value):
                     record[f"{side}.{name}"] = value
         records.append(record)
     return pd.DataFrame.from_records(records)

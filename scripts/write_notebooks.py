@@ -289,7 +289,7 @@ layer has no best scale, and a dropdown from any cell to its texts (10 prompts a
     (
         "code",
         """scores = metrics_frame(results_dir)
-scored = [] if scores.empty else experiments(scores[scores["delta_concept_score"].notna()])
+scored = [] if scores.empty else experiments(scores[scores["delta.concept_score"].notna()])
 print(f"scored experiments: {', '.join(scored) if scored else 'none (runs made with --no-metrics)'}")
 for experiment in scored:
     metric_heatmaps(scores, experiment=experiment).show()

@@ -290,13 +290,13 @@ def sweep_frame(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
 
 def test_metrics_frame_and_summary(sweep_frame: pd.DataFrame) -> None:
     assert len(sweep_frame) == 2 * 2 * 3
-    assert {"layer", "scale", "prompt", "steered", "steered_perplexity", "delta_concept_score"} <= set(sweep_frame)
+    assert {"layer", "scale", "prompt", "steered", "steered.perplexity", "delta.concept_score"} <= set(sweep_frame)
     summary = layer_scale_summary(sweep_frame)
     assert list(zip(summary["layer"], summary["scale"], strict=True)) == [(1, 1.0), (1, 300.0), (2, 1.0), (2, 300.0)]
     assert (summary["n"] == 3).all()
     assert summary["best"].sum() <= 2
     rows = cell_rows(sweep_frame, 2, 300.0)
-    assert len(rows) == 3 and {"prompt", "baseline", "steered", "steered_perplexity"} <= set(rows)
+    assert len(rows) == 3 and {"prompt", "baseline", "steered", "steered.perplexity"} <= set(rows)
     options = cell_options(sweep_frame)
     assert [value for _, value in options] == [(1, 1.0), (1, 300.0), (2, 1.0), (2, 300.0)]
     assert len(cell_rows(sweep_frame, *options[1][1])) == 3
@@ -335,11 +335,11 @@ def synthetic_frame() -> pd.DataFrame:
             record = {"experiment": "e", "layer": layer, "scale": scale, "prompt_idx": prompt_idx, "prompt": "p"}
             record |= {"prompt_id": f"id{prompt_idx}", "baseline": "b", "steered": f"s{layer}-{scale}"}
             for name in METRIC_NAMES:
-                record[f"baseline_{name}"] = record[f"steered_{name}"] = 1.0
-            record |= {"baseline_concept_score": 0.0, "steered_concept_score": concept, "baseline_perplexity": 2.0}
-            record |= {"steered_perplexity": perplexity, "steered_distinct_2": distinct, "steered_n_tokens": 10}
+                record[f"baseline.{name}"] = record[f"steered.{name}"] = 1.0
+            record |= {"baseline.concept_score": 0.0, "steered.concept_score": concept, "baseline.perplexity": 2.0}
+            record |= {"steered.perplexity": perplexity, "steered.distinct_2": distinct, "steered.n_tokens": 10}
             for name in METRIC_NAMES:
-                record[f"delta_{name}"] = record[f"steered_{name}"] - record[f"baseline_{name}"]
+                record[f"delta.{name}"] = record[f"steered.{name}"] - record[f"baseline.{name}"]
             records.append(record)
     return pd.DataFrame.from_records(records)
 
@@ -362,7 +362,7 @@ def test_best_and_collapse_scales_per_layer() -> None:
     collapse = collapse_scale_per_layer(frame).set_index("layer")
     assert collapse["collapse_scale"].to_dict() == {4: 4.0, 8: 2.0}
     assert collapse["collapse_scale_negative"].isna().all()
-    backwards = frame.assign(delta_concept_score=-frame["delta_concept_score"])
+    backwards = frame.assign(**{"delta.concept_score": -frame["delta.concept_score"]})
     assert best_scale_per_layer(backwards)["best_scale"].isna().all(), "no scale moved the concept: no best scale"
 
 

@@ -26,12 +26,13 @@ def test_one_table_with_one_column_naming(tmp_path: Path) -> None:
     frame = results_table(tmp_path).set_index("config_id")
     assert list(frame.index) == ["12_0/layer_1_scale_1.0/out_0_1.json", "12_0/layer_2_scale_8.0/out_0_1.json"]
     row = frame.loc["12_0/layer_2_scale_8.0/out_0_1.json"]
-    assert row["timings.generate_s"] == 0.5 and row["layer"] == 2 and row["experiment"] == "12_0 on 0 x1 [m]"
+    assert row["timings.generate_s"] == 0.5 and row["layer"] == 2 and row["experiment"] == "12_0/out_0_1.json [m]"
     assert row["delta.perplexity"] == pytest.approx(8.0) and row["delta.words"] == 0
     assert row["steered.collapse"] == "loops" and row["collapsed"] and row["baseline.collapse"] is None
     assert 0 < row["text_change"] < 1
     same = results_table([payload(1, 1.0)])
     assert same.loc[0, "config_id"] == "payload-0" and same.loc[0, "delta.perplexity"] == pytest.approx(1.0)
+    assert same.loc[0, "experiment"] == "12_0 on 0 x1 [m]"
 
 
 def test_bad_files_are_errors_unless_skipped(tmp_path: Path) -> None:

@@ -899,17 +899,17 @@ def test_heatmaps_name_their_experiment_say_which_way_is_better_and_explain_empt
                 record = {"experiment": experiment, "layer": layer, "scale": scale, "prompt_idx": prompt}
                 for side in ("baseline", "steered"):
                     record |= {
-                        f"{side}_concept_score": (math.nan if empty else 0.1 * scale) if side == "steered" else 0.0,
-                        f"{side}_concept_probe": 0.0,
-                        f"{side}_perplexity": math.nan if empty and side == "steered" else 3.0 * scale,
-                        f"{side}_distinct_2": 0.9,
-                        f"{side}_relevance": 0.0,
-                        f"{side}_overall": 0.5,
-                        f"{side}_n_tokens": 0 if empty and side == "steered" else 10,
+                        f"{side}.concept_score": (math.nan if empty else 0.1 * scale) if side == "steered" else 0.0,
+                        f"{side}.concept_probe": 0.0,
+                        f"{side}.perplexity": math.nan if empty and side == "steered" else 3.0 * scale,
+                        f"{side}.distinct_2": 0.9,
+                        f"{side}.relevance": 0.0,
+                        f"{side}.overall": 0.5,
+                        f"{side}.n_tokens": 0 if empty and side == "steered" else 10,
                     }
-                    record[f"{side}_collapse"] = "empty answer" if empty and side == "steered" else None
+                    record[f"{side}.collapse"] = "empty answer" if empty and side == "steered" else None
                 for name in ("concept_score", "concept_probe", "relevance"):
-                    record[f"delta_{name}"] = record[f"steered_{name}"] - record[f"baseline_{name}"]
+                    record[f"delta.{name}"] = record[f"steered.{name}"] - record[f"baseline.{name}"]
                 records.append(record)
     frame = pd.DataFrame.from_records(records)
     figure = metric_heatmaps(frame, experiment="8_5/out_b.json [m]")
