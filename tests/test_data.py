@@ -204,3 +204,14 @@ def test_hub_without_datasets_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(UsageError, match="needs the `datasets` package"):
         load_prompt_set("12", 5, data_source="hub")
     data._tulu_mixture.cache_clear()
+
+
+def test_all_rows_are_recorded_as_all_rows_in_file_order() -> None:
+    from chunky_utils.data import bundled_rows, load_prompt_set
+
+    every = load_prompt_set("12", -1, "bundled", seed=5)
+    assert [row.prompt for row in every.rows] == [row.prompt for row in bundled_rows("12")]
+    assert every.sampling["method"] == "all rows, in file order" and every.sampling["seed"] is None
+    assert every.sampling["n_used"] == len(every.rows) and every.sampling["n_requested"] == -1
+    drawn = load_prompt_set("12", 5, "bundled", seed=5)
+    assert drawn.sampling["method"] == "seeded shuffle" and drawn.sampling["n_used"] == 5
