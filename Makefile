@@ -33,7 +33,7 @@ test-fast: install
 	$(BIN)/pytest -q -m "not slow and not browser"
 
 lint: install
-	$(BIN)/ruff check chunky_utils tests scripts benchmarks
+	$(BIN)/ruff check chunky_utils tests scripts benchmarks notebooks
 
 # JupyterLab refuses to run as root without --allow-root (containers often are root)
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)

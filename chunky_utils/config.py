@@ -52,7 +52,7 @@ class RunConfig:
     n_samples: int = option(100, help="prompts per subset for the vector (-1: all)", group="steering")
     model: str = option(
         EMBEDDED_MODEL_ID,
-        help="Hugging Face id, local folder, the embedded model or tiny-random:<arch>",
+        help="hub id, local folder, embedded model or tiny-random:<arch>",
         group="model and data",
     )
     inference_dataset: str | None = option(
@@ -60,7 +60,7 @@ class RunConfig:
     )
     inference_n_samples: int = option(10, help="test prompts to draw (-1: all)", group="inference")
     include_vector_prompts: bool = option(
-        False, help="allow prompts used to build the vector in the inference draw (the seed did)", group="inference"
+        False, help="let vector prompts be drawn as test prompts too (the seed did)", group="inference"
     )
     max_tokens: int = option(100, help="new tokens per answer", group="inference")
     temperature: float = option(0.7, help="sampling temperature (0: greedy)", group="inference")
@@ -100,7 +100,7 @@ class RunConfig:
     output_dir: str = option("results", help="results root", group="output", in_hash=False)
     cache_dir: str | None = option(
         None,
-        help="activation and baseline cache (default: cache/, or OUTPUT_DIR/dataset_cache with --output-dir)",
+        help="activation and baseline cache (default: cache/, or OUTPUT_DIR/dataset_cache)",
         group="output",
         in_hash=False,
     )

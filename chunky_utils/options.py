@@ -130,8 +130,7 @@ def parameters_cell(config_class: type, names: list[str], values: dict[str, Any]
         if declaration.name not in names:
             continue
         value = values.get(declaration.name, declaration.default)
-        kind = "Optional[str]" if str(declaration.type) == "str | None" else str(declaration.type)
-        lines.append(f"{declaration.name}: {kind} = {value!r}  # {declaration.metadata['help']}")
+        lines.append(f"{declaration.name}: {declaration.type} = {value!r}  # {declaration.metadata['help']}")
     return lines
 
 

@@ -7,7 +7,7 @@
 `make install` registers it as the git filter `chunky-strip` (see .gitattributes), so `git add` stores
 notebooks without outputs while the working copy keeps them; `tests/test_notebooks.py` runs `--check` on the
 committed notebooks. Output is nbformat's own layout (indent 1, sorted keys, a final newline), so a
-notebook written by scripts/write_notebooks.py passes through unchanged. Only the standard library is used.
+committed notebook (no outputs) passes through unchanged. Only the standard library is used.
 """
 
 from __future__ import annotations
