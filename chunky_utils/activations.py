@@ -26,6 +26,7 @@ from chunky_utils.models import (
     pad_token_id,
     tokenize_prompts,
 )
+from chunky_utils.options import BATCH_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def extract_last_token_activations(
     tokenizer: Any,
     prompts: Sequence[str],
     layers: Sequence[int] | None = None,
-    batch_size: int = 16,
+    batch_size: int = BATCH_ROWS,
     read_position: str = "generation_prompt",
     max_batch_tokens: int | None = 16384,
     progress: bool = True,
@@ -195,7 +196,7 @@ def subset_means(
     cache_root: Path | str,
     read_position: str = "generation_prompt",
     capture: str = "all",
-    batch_size: int = 16,
+    batch_size: int = BATCH_ROWS,
     progress: bool = True,
 ) -> SubsetMeans:
     """Means at `layers` from the cache, or from one extraction pass (then cached) under a file lock."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from chunky_utils.data import parse_subset
 from chunky_utils.errors import UsageError
 from chunky_utils.options import (
+    BATCH_ROWS,
     CAPTURE_MODES,
     DATA_SOURCES,
     EMBEDDED_MODEL_ID,
@@ -104,7 +105,7 @@ class RunConfig:
         group="output",
         in_hash=False,
     )
-    batch_size: int = option(32, help="rows per forward/generate batch", group="model and data", in_hash=False)
+    batch_size: int = option(BATCH_ROWS, help="rows per forward/generate batch", group="model and data", in_hash=False)
     device: str = option("auto", help="auto, cpu, cuda or cuda:N", group="model and data", in_hash=False)
     dtype: str = option("auto", help="auto, float32, bfloat16 or float16", group="model and data")
     tensor_parallel_size: int = option(

@@ -16,6 +16,7 @@ from transformers import LogitsProcessorList
 from chunky_utils.attention import grouped_query_decoding
 from chunky_utils.errors import UsageError
 from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.options import BATCH_ROWS
 from chunky_utils.prefill import cache_argument_name, packed_prefill
 from chunky_utils.sampling import SAMPLER_NAME, SamplingSettings, SharedStreamProcessor, prompt_key
 from chunky_utils.steering import SteeringVector, add_to_layers
@@ -30,7 +31,7 @@ class GenerationSettings:
     max_new_tokens: int = 100
     temperature: float = 0.7
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = BATCH_ROWS
     positions: str = "all"
     min_new_tokens: int = 0
     top_k: int = 0

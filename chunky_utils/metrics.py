@@ -39,6 +39,7 @@ from chunky_utils.models import (
     pad_token_id,
     tokenize_prompts,
 )
+from chunky_utils.options import BATCH_ROWS
 from chunky_utils.text_metrics import (
     OVERALL_FORMULA,
     PPL_CEILING,
@@ -200,7 +201,7 @@ def score_texts(
     texts: Sequence[str],
     axis: ConceptAxis | None = None,
     probe: LinearProbe | None = None,
-    batch_size: int = 32,
+    batch_size: int = BATCH_ROWS,
     max_batch_tokens: int = 2048,
     relevance_tokens: int | None = RELEVANCE_TOKENS,
     progress: bool = True,
@@ -225,7 +226,7 @@ def score_texts_and_means(
     axis: ConceptAxis | None = None,
     probe: LinearProbe | None = None,
     keep_layers: Sequence[int] = (),
-    batch_size: int = 32,
+    batch_size: int = BATCH_ROWS,
     max_batch_tokens: int = 2048,
     relevance_tokens: int | None = RELEVANCE_TOKENS,
     progress: bool = True,
@@ -338,7 +339,7 @@ def score_generations(
     generated: GenerationOutput,
     axis: ConceptAxis | None = None,
     probe: LinearProbe | None = None,
-    batch_size: int = 32,
+    batch_size: int = BATCH_ROWS,
     progress: bool = True,
 ) -> dict[float, list[dict[str, float | int | None]]]:
     """Metrics of every scale's texts ({scale: [per prompt]}), all scales scored in the same batches."""

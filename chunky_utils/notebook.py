@@ -17,6 +17,7 @@ from chunky_utils.config import RunConfig
 from chunky_utils.data import TULU_SET_MAP, PromptSet, load_prompt_set, parse_subset
 from chunky_utils.errors import UsageError
 from chunky_utils.models import LoadedModel, check_layer
+from chunky_utils.options import BATCH_ROWS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -93,7 +94,7 @@ def all_layer_means(
     prompt_sets: Mapping[str, PromptSet],
     cache_dir: Path | str,
     read_position: str = "generation_prompt",
-    batch_size: int = 16,
+    batch_size: int = BATCH_ROWS,
     progress: bool = False,
 ) -> dict[str, SubsetMeans]:
     """Every layer's mean for each prompt set: from the cache, or one extraction pass per set (then cached)."""
@@ -112,7 +113,7 @@ def prompt_activations(
     layer: int,
     cache_dir: Path | str,
     read_position: str = "generation_prompt",
-    batch_size: int = 16,
+    batch_size: int = BATCH_ROWS,
 ) -> torch.Tensor:
     """Per-prompt activations [n_prompts, hidden] at `layer`, from the cache when it holds them."""
     check_layer(loaded.model, layer)

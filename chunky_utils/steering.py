@@ -14,7 +14,7 @@ from torch import nn
 from chunky_utils.activations import SubsetMeans
 from chunky_utils.layers import RowDeltaHook, active_hook_count, add_deltas
 from chunky_utils.models import LoadedModel
-from chunky_utils.options import STEER_POSITIONS
+from chunky_utils.options import BATCH_ROWS, STEER_POSITIONS
 
 __all__ = [  # the layer hooks are steering's too
     "STEER_POSITIONS",
@@ -107,7 +107,7 @@ def extract(
     baseline_prompts: Sequence[str],
     layers: Sequence[int] | None = None,
     read_position: str = "generation_prompt",
-    batch_size: int = 16,
+    batch_size: int = BATCH_ROWS,
     progress: bool = True,
 ) -> SteeringVector:
     """Prompts in, vector out, no cache: `mean(target) - mean(baseline)` of the read token at each layer
