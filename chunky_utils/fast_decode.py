@@ -41,7 +41,7 @@ import torch.nn.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
-from chunky_utils.layers import output_hidden
+from chunky_utils.layers import output_hidden, user_hooks
 from chunky_utils.models import LoadedModel, find_decoder_layers, pad_token_id
 from chunky_utils.options import STEER_POSITIONS
 from chunky_utils.packed_extraction import (
@@ -120,12 +120,8 @@ def structure_reason(model: nn.Module) -> str | None:
     if not hasattr(body, "norm") or not isinstance(getattr(model, "lm_head", None), nn.Linear):
         return "the model has no final norm and linear lm_head"
     layers = find_decoder_layers(model)
-    hooked = [
-        index
-        for index, layer in enumerate(layers)
-        if layer._forward_hooks or layer._forward_pre_hooks or layer.self_attn._forward_hooks
-    ]
-    if hooked or body._forward_hooks or body._forward_pre_hooks:
+    hooked = [index for index, layer in enumerate(layers) if user_hooks(layer) or user_hooks(layer.self_attn)]
+    if hooked or user_hooks(body):
         return f"forward hooks are on the model (layers {hooked}); a captured step would freeze them"
     return None
 

@@ -130,6 +130,13 @@ def add_deltas(model: nn.Module, deltas: Mapping[int, torch.Tensor], positions: 
             handle.remove()
 
 
+def user_hooks(module: nn.Module) -> list[Any]:
+    """Forward and pre-forward hooks on `module`, leaving out transformers' own output-capturing hooks (installed
+    for good by the first `output_hidden_states=True` call, inert otherwise)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [hook for hook in hooks if not getattr(hook, "__module__", "").startswith("transformers.")]
+
+
 def active_hook_count(model: nn.Module) -> int:
     """Steering hooks currently on the decoder layers (0 when nothing is steering)."""
     layers = find_decoder_layers(model)

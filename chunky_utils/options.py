@@ -133,7 +133,9 @@ def parameters_cell(config_class: type, names: list[str], values: dict[str, Any]
         if declaration.name not in names:
             continue
         value = values.get(declaration.name, declaration.default)
-        lines.append(f"{declaration.name}: {declaration.type} = {value!r}  # {declaration.metadata['help']}")
+        # papermill reads `Optional[str]`, not `str | None`: the cell imports Optional
+        kind = "Optional[str]" if str(declaration.type) == "str | None" else str(declaration.type)
+        lines.append(f"{declaration.name}: {kind} = {value!r}  # {declaration.metadata['help']}")
     return lines
 
 

@@ -15,6 +15,7 @@ from chunky_utils.layers import (
     read_layers,
     run_until_stop,
     skipped_layers,
+    user_hooks,
 )
 from chunky_utils.models import LoadedModel, left_pad
 
@@ -46,7 +47,7 @@ def test_reading_stops_after_the_deepest_layer(tiny: LoadedModel) -> None:
         handle.remove()
     with pytest.raises(StopForward), read_layers(tiny.model, [0], stop_after=True):
         forward(tiny)
-    assert not any(layer._forward_hooks for layer in find_decoder_layers(tiny.model))
+    assert not any(user_hooks(layer) for layer in find_decoder_layers(tiny.model))
 
 
 def test_deltas_come_off_and_skipped_layers_come_back(tiny: LoadedModel) -> None:

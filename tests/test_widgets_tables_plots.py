@@ -18,6 +18,7 @@ import torch
 from chunky_utils import activations
 from chunky_utils.config import RunConfig
 from chunky_utils.errors import UsageError
+from chunky_utils.layers import user_hooks
 from chunky_utils.models import LoadedModel
 from chunky_utils.notebook import (
     all_layer_means,
@@ -619,7 +620,7 @@ def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: L
     from chunky_utils.steering import active_hook_count
 
     assert active_hook_count(tiny.model) == 0 and not any(
-        layer._forward_pre_hooks or layer._forward_hooks for layer in tiny.model.model.layers
+        user_hooks(layer) for layer in tiny.model.model.layers
     ), "every hook removed after a stop"
 
 
