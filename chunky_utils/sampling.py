@@ -77,10 +77,13 @@ def _token_offsets(tokens: torch.Tensor) -> torch.Tensor:
     return _mix32((tokens.to(torch.int64) * _TOKEN_STRIDE) & _MASK32)
 
 
-def _gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+def _uniform_from_bits(bits: torch.Tensor) -> torch.Tensor:
     # 23 bits: (b + 0.5) / 2**23 lies in [2**-24, 1 - 2**-24], all exact in float32, so u is never 0 or 1
-    uniform = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
-    return -torch.log(-torch.log(uniform))
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def _gumbel_from_bits(bits: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(_uniform_from_bits(bits)))
 
 
 # Every Gumbel value lies in [-2.81, 16.63] (the extremes of the uniforms above): a token more than this
@@ -92,7 +95,7 @@ def uniform_noise(seed: int, keys: torch.Tensor, step: int | torch.Tensor, vocab
     """Uniforms in (0, 1), shape [rows, vocab]: a pure function of (seed, key, step, token id)."""
     states = row_states(seed, keys, step)
     bits = _mix32(states[:, None] ^ _token_offsets(torch.arange(vocab_size, device=keys.device))[None, :])
-    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    return _uniform_from_bits(bits)
 
 
 def gumbel_noise(seed: int, keys: torch.Tensor, step: int | torch.Tensor, vocab_size: int) -> torch.Tensor:
