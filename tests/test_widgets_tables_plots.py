@@ -20,15 +20,13 @@ from chunky_utils.config import RunConfig
 from chunky_utils.errors import UsageError
 from chunky_utils.layers import user_hooks
 from chunky_utils.models import LoadedModel
-from chunky_utils.notebook import (
+from chunky_utils.notebook.project import config_from_parameters, project_root, use_project_root
+from chunky_utils.notebook.subsets import (
     all_layer_means,
-    config_from_parameters,
     load_prompt_sets,
     means_table,
-    project_root,
     prompt_activations,
     subsets_to_compare,
-    use_project_root,
 )
 from chunky_utils.results import read_results, write_results
 from chunky_utils.steering import contrastive_vector
@@ -47,7 +45,9 @@ pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
 from chunky_utils import plots  # noqa: E402
-from chunky_utils.widgets import BUILTIN_PROMPTS, TYPED_PROMPTS, ComparisonViewer, SteeringPlayground  # noqa: E402
+from chunky_utils.widgets.comparison import ComparisonViewer  # noqa: E402
+from chunky_utils.widgets.playground import SteeringPlayground  # noqa: E402
+from chunky_utils.widgets.playground_controls import BUILTIN_PROMPTS, TYPED_PROMPTS  # noqa: E402
 
 
 def tiny_config(tmp_path: Path, **changes: Any) -> RunConfig:
@@ -482,6 +482,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"blocked {name}")
 sys.meta_path.insert(0, Block())
 import chunky_utils, chunky_utils.tables, chunky_utils.plots, chunky_utils.widgets, chunky_utils.notebook
+import chunky_utils.instrument
 print("ok", sorted(m for m in BLOCKED if m in sys.modules))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
@@ -492,7 +493,7 @@ print("ok", sorted(m for m in BLOCKED if m in sys.modules))
 def test_metric_cell_browser_shows_the_texts_of_the_chosen_cell(tmp_path) -> None:
     from chunky_utils.metric_views import metrics_frame
     from chunky_utils.results import write_results
-    from chunky_utils.widgets import MetricCellBrowser
+    from chunky_utils.widgets.cell_browser import MetricCellBrowser
 
     fluent = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8, "concept_score": 0.1}
     for scale in (1.0, 4.0):
@@ -626,7 +627,7 @@ def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: L
 
 def test_a_double_click_starts_one_generation(tiny: LoadedModel, tmp_path: Path) -> None:
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
-    from chunky_utils.widgets import GUARD_CSS
+    from chunky_utils.widgets.common import GUARD_CSS
 
     assert "chunky-guarded" in playground.generate_button._dom_classes, "inert in the browser once pressed"
     assert (
@@ -643,7 +644,7 @@ def test_a_double_click_starts_one_generation(tiny: LoadedModel, tmp_path: Path)
 
 
 def test_your_own_prompts_from_the_box_and_from_the_parameters(tiny: LoadedModel, tmp_path: Path) -> None:
-    from chunky_utils.notebook import typed_prompts, with_typed_prompts
+    from chunky_utils.notebook.own_prompts import typed_prompts, with_typed_prompts
 
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False))
     playground.prompt_source_dropdown.value = BUILTIN_PROMPTS
@@ -706,7 +707,7 @@ def test_token_readings_are_taken_while_generating_and_match_a_second_pass(tiny:
 
 
 def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, tmp_path: Path) -> None:
-    from chunky_utils.instrument import grid_rows
+    from chunky_utils.instrument.grid import grid_rows
 
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=6), prompts=SHORT_PROMPTS)
     playground.grid_layers.value = "1, 3"
@@ -731,7 +732,8 @@ def test_grid_steers_each_row_at_its_own_layer_in_one_batch(tiny: LoadedModel, t
 
 
 def test_next_token_preview_and_scale_guidance_follow_the_sliders(tiny: LoadedModel, tmp_path: Path) -> None:
-    from chunky_utils.instrument import next_token_preview, relative_magnitude
+    from chunky_utils.instrument.preview import next_token_preview
+    from chunky_utils.instrument.vectors import relative_magnitude
 
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False), prompts=SHORT_PROMPTS)
     assert "press Generate" in playground.guidance.value and playground.preview_view.value == ""
@@ -755,7 +757,7 @@ def test_next_token_preview_and_scale_guidance_follow_the_sliders(tiny: LoadedMo
 
 
 def test_scale_bands_come_from_measured_results(tmp_path: Path) -> None:
-    from chunky_utils.notebook import DEFAULT_BANDS, run_strength_table, scale_bands, threshold
+    from chunky_utils.notebook.scale_guidance import DEFAULT_BANDS, run_strength_table, scale_bands, threshold
 
     assert threshold([0.1, 0.2, 1.0, 2.0], [False, False, True, True]) == pytest.approx((0.2 * 1.0) ** 0.5)
     assert threshold([0.1, 0.2], [False, False]) == float("inf") and threshold([0.1], [True]) == 0.0
@@ -783,7 +785,7 @@ def test_export_csv_html_and_the_cli_command(tiny: LoadedModel, tmp_path: Path) 
     import pandas as pd
 
     from chunky_utils.cli import build_parser, config_from_args
-    from chunky_utils.notebook import cli_command
+    from chunky_utils.notebook.command_line import cli_command
 
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False), prompts=SHORT_PROMPTS)
     assert playground.csv_button.disabled and playground.html_button.disabled
@@ -836,7 +838,7 @@ def test_side_by_side_marks_words_only_where_answers_are_alike_and_pages() -> No
 
 
 def test_viewer_opens_on_configs_that_share_prompts_and_pages(tmp_path: Path) -> None:
-    from chunky_utils.widgets import default_pair
+    from chunky_utils.widgets.comparison import default_pair
 
     for layer, prompts in ((1, ("a", "b")), (2, ("c", "d")), (3, tuple(f"q{i}" for i in range(25)))):
         payload = fake_payload(layer, 1.0, metrics=False, prompts=prompts)
@@ -863,7 +865,7 @@ def test_viewer_opens_on_configs_that_share_prompts_and_pages(tmp_path: Path) ->
 
 def test_cell_browser_shows_real_line_breaks_a_page_at_a_time(tmp_path: Path) -> None:
     from chunky_utils.metric_views import metrics_frame
-    from chunky_utils.widgets import MetricCellBrowser
+    from chunky_utils.widgets.cell_browser import MetricCellBrowser
 
     fluent = {"perplexity": 2.0, "distinct_2": 0.9, "relevance": 1.0, "overall": 0.8, "concept_score": 0.1}
     rows = [
@@ -890,7 +892,7 @@ def test_heatmaps_name_their_experiment_say_which_way_is_better_and_explain_empt
     import pandas as pd
 
     from chunky_utils.metric_views import heatmap_trace, layer_scale_heatmap, metric_heatmaps
-    from chunky_utils.notebook import per_layer_table
+    from chunky_utils.notebook.layer_table import per_layer_table
 
     records = []
     for experiment in ("12_0/out_a.json [m]", "8_5/out_b.json [m]"):
