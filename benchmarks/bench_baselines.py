@@ -25,16 +25,9 @@ from transformers import LogitsProcessorList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_lib import Row, print_table, side_by_side  # noqa: E402
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.config import RunConfig  # noqa: E402
-from chunky_utils.models import (  # noqa: E402
-    EMBEDDED_MODEL_ID,
-    LoadedModel,
-    format_prompts,
-    left_pad,
-    load_model,
-    pad_token_id,
-    tokenize_prompts,
-)
+from chunky_utils.models import EMBEDDED_MODEL_ID, LoadedModel, load_model  # noqa: E402
 from chunky_utils.pipeline import run_experiment  # noqa: E402
 from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, prompt_key  # noqa: E402
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from chunky_utils.activations import extract_last_token_activations, length_sorted_batches
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.generation import GenerationSettings, generate_with_scales
-from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.models import LoadedModel
 
 
 def synchronize() -> None:

@@ -39,16 +39,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from chunky_utils.activations import extract_last_token_activations, subset_means  # noqa: E402
+from chunky_utils.chat import format_prompts, tokenize_prompts  # noqa: E402
 from chunky_utils.data import PromptRow, PromptSet, read_prompt_file  # noqa: E402
+from chunky_utils.embedded_model import embedded_model_dir  # noqa: E402
 from chunky_utils.generation import GenerationSettings, generate_with_scales  # noqa: E402
-from chunky_utils.models import (  # noqa: E402
-    EMBEDDED_MODEL_ID,
-    LoadedModel,
-    embedded_model_dir,
-    format_prompts,
-    load_model,
-    tokenize_prompts,
-)
+from chunky_utils.models import EMBEDDED_MODEL_ID, LoadedModel, load_model  # noqa: E402
 from chunky_utils.steering import contrastive_vector  # noqa: E402
 
 log = logging.getLogger("peers")

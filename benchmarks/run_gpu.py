@@ -35,6 +35,7 @@ from benchmarks.bench_lib import Row, exact_length_settings, side_by_side, synch
 from chunky_utils import fast_decode, packed_extraction  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
 from chunky_utils.generation import (  # noqa: E402
     GenerationSettings,
@@ -44,12 +45,8 @@ from chunky_utils.models import (  # noqa: E402
     LoadedModel,
     build_byte_tokenizer,
     find_decoder_layers,
-    format_prompts,
-    left_pad,
     load_model,
     model_fingerprint,
-    pad_token_id,
-    tokenize_prompts,
 )
 from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, prompt_key  # noqa: E402
 from chunky_utils.steering import add_to_layers  # noqa: E402

@@ -14,18 +14,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from chunky_utils.cache import ActivationCache, CacheKey, SubsetMean
+from chunky_utils.chat import chat_template_hash, format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.data import PromptSet
 from chunky_utils.layers import output_hidden as output_hidden  # re-exported for callers of activations
 from chunky_utils.layers import read_layers, run_until_stop
-from chunky_utils.models import (
-    LoadedModel,
-    chat_template_hash,
-    find_decoder_layers,
-    format_prompts,
-    left_pad,
-    pad_token_id,
-    tokenize_prompts,
-)
+from chunky_utils.models import LoadedModel, find_decoder_layers
 from chunky_utils.options import BATCH_ROWS
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from chunky_utils.cache import atomic_write, atomic_write_json
+from chunky_utils.chat import chat_template_hash
 from chunky_utils.data import safe_label
 from chunky_utils.generation import GenerationSettings
-from chunky_utils.models import LoadedModel, chat_template_hash
+from chunky_utils.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

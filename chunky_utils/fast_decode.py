@@ -41,8 +41,9 @@ import torch.nn.functional as functional
 from torch import nn
 from tqdm.auto import tqdm
 
+from chunky_utils.chat import pad_token_id
 from chunky_utils.layers import output_hidden, user_hooks
-from chunky_utils.models import LoadedModel, find_decoder_layers, pad_token_id
+from chunky_utils.models import LoadedModel, find_decoder_layers
 from chunky_utils.options import STEER_POSITIONS
 from chunky_utils.packed_extraction import (
     flash_works,

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from chunky_utils.attention import grouped_query_decoding
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.errors import UsageError
-from chunky_utils.models import LoadedModel, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.models import LoadedModel
 from chunky_utils.options import BATCH_ROWS
 from chunky_utils.prefill import cache_argument_name, packed_prefill
 from chunky_utils.sampling import SAMPLER_NAME, SamplingSettings, SharedStreamProcessor, prompt_key

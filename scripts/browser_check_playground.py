@@ -69,7 +69,7 @@ def prepare_lab_folder(root: Path, model: str, layer: int, scale: float) -> Path
     cache = root / "cache"
     cache.mkdir(parents=True)
     if model.startswith("embedded:"):
-        from chunky_utils.models import convert_embedded_model
+        from chunky_utils.embedded_model import convert_embedded_model
 
         converted = convert_embedded_model(REPO_ROOT / "cache")  # once per clone; later runs reuse it
         (cache / "models").mkdir()

@@ -15,8 +15,9 @@ from chunky_utils.activations import (
     subset_means,
 )
 from chunky_utils.cache import MEAN_FILE_KEYS, ActivationCache, atomic_write_text
+from chunky_utils.chat import format_prompts, tokenize_prompts
 from chunky_utils.data import load_prompt_set
-from chunky_utils.models import LoadedModel, build_tiny_model, format_prompts, tokenize_prompts
+from chunky_utils.models import LoadedModel, build_tiny_model
 
 PROMPTS = ["Hi", "What is two plus two?", "Write a long sentence about the sea and the sky at dusk."]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chunky_utils.attention import PACKED_SDPA, grouped_query_decoding
-from chunky_utils.models import LoadedModel, left_pad
+from chunky_utils.chat import left_pad
+from chunky_utils.models import LoadedModel
 from chunky_utils.prefill import cache_argument_name
 
 

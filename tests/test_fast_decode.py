@@ -10,6 +10,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from chunky_utils import fast_decode
+from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.fast_decode import (
     ROW_BUCKETS,
     bucket_length,
@@ -19,7 +20,7 @@ from chunky_utils.fast_decode import (
     last_run_info,
     structure_reason,
 )
-from chunky_utils.models import LoadedModel, build_tiny_model, format_prompts, left_pad, pad_token_id, tokenize_prompts
+from chunky_utils.models import LoadedModel, build_tiny_model
 from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, prompt_key
 from chunky_utils.steering import add_to_layers
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chunky_utils.chat import left_pad
 from chunky_utils.errors import UsageError
 from chunky_utils.layers import (
     StopForward,
@@ -17,7 +18,7 @@ from chunky_utils.layers import (
     skipped_layers,
     user_hooks,
 )
-from chunky_utils.models import LoadedModel, left_pad
+from chunky_utils.models import LoadedModel
 
 
 def forward(loaded: LoadedModel) -> torch.Tensor:

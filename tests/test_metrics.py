@@ -10,17 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
+from chunky_utils.chat import format_prompts, tokenize_prompts
 from chunky_utils.cli import main
 from chunky_utils.config import RunConfig
+from chunky_utils.layer_scale_heatmaps import layer_scale_heatmap, metric_heatmaps
 from chunky_utils.metric_views import (
     best_scale_per_layer,
     cell_from_click,
     cell_options,
     cell_rows,
     collapse_scale_per_layer,
-    layer_scale_heatmap,
     layer_scale_summary,
-    metric_heatmaps,
     metrics_frame,
 )
 from chunky_utils.metrics import (
@@ -37,14 +37,7 @@ from chunky_utils.metrics import (
     overall_score,
     score_texts,
 )
-from chunky_utils.models import (
-    TINY_ARCHITECTURES,
-    LoadedModel,
-    build_tiny_model,
-    find_decoder_layers,
-    format_prompts,
-    tokenize_prompts,
-)
+from chunky_utils.models import TINY_ARCHITECTURES, LoadedModel, build_tiny_model, find_decoder_layers
 from chunky_utils.pipeline import run_experiment
 from chunky_utils.steering import SteeringVector
 

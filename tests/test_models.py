@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chunky_utils.chat import format_prompts, left_pad
 from chunky_utils.errors import UsageError
 from chunky_utils.models import (
     TINY_ARCHITECTURES,
@@ -13,8 +14,6 @@ from chunky_utils.models import (
     check_layer,
     check_tensor_parallel,
     find_decoder_layers,
-    format_prompts,
-    left_pad,
     load_model,
     parse_tiny_id,
 )
@@ -83,7 +82,7 @@ def test_missing_model_is_one_line_error(tmp_path) -> None:
 
 
 def test_portable_config_carries_rope_for_every_version_and_no_gguf_quantization() -> None:
-    from chunky_utils.models import portable_model_config
+    from chunky_utils.embedded_model import portable_model_config
 
     transformers5 = {
         "model_type": "llama",
@@ -101,7 +100,7 @@ def test_portable_config_carries_rope_for_every_version_and_no_gguf_quantization
 
 
 def test_portable_config_refuses_missing_or_scaled_rope() -> None:
-    from chunky_utils.models import portable_model_config
+    from chunky_utils.embedded_model import portable_model_config
 
     with pytest.raises(ValueError, match="no rope_theta"):
         portable_model_config({"model_type": "llama"})
@@ -110,7 +109,7 @@ def test_portable_config_refuses_missing_or_scaled_rope() -> None:
 
 
 def test_format_version_reads_the_marker(tmp_path) -> None:
-    from chunky_utils.models import EMBEDDED_FORMAT_FILE, embedded_format_version
+    from chunky_utils.embedded_model import EMBEDDED_FORMAT_FILE, embedded_format_version
 
     assert embedded_format_version(tmp_path) is None
     (tmp_path / "config.json").write_text("{}")
@@ -131,7 +130,7 @@ def test_converted_folder_matches_the_gguf_and_replaces_an_old_conversion(tmp_pa
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from chunky_utils.data import TULU_SET_MAP, bundled_rows
-    from chunky_utils.models import (
+    from chunky_utils.embedded_model import (
         EMBEDDED_FORMAT_VERSION,
         convert_embedded_model,
         embedded_format_version,

@@ -187,7 +187,7 @@ def test_random_model_folder_reads_back_as_built(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from benchmarks.run_gpu import SMOKE_SHAPE, build_random_llama8b
-    from chunky_utils.models import format_prompts
+    from chunky_utils.chat import format_prompts
 
     spec = importlib.util.spec_from_file_location(
         "random_model", peers.REPO / "benchmarks" / "peers" / "random_model.py"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chunky_utils.chat import left_pad
 from chunky_utils.generation import GenerationSettings, generate_with_scales
-from chunky_utils.models import LoadedModel, left_pad
+from chunky_utils.models import LoadedModel
 from chunky_utils.steering import active_hook_count, add_to_layers
 from tests.test_steering_generation import PROMPTS
 

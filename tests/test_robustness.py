@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chunky_utils.cache import atomic_write
+from chunky_utils.chat import left_pad
 from chunky_utils.cli import build_parser, config_from_args
 from chunky_utils.data import read_prompt_file
 from chunky_utils.errors import UsageError
 from chunky_utils.generation import GenerationSettings, generate_with_scales
-from chunky_utils.models import LoadedModel, left_pad
+from chunky_utils.models import LoadedModel
 from chunky_utils.steering import SteeringVector, active_hook_count
 from tests.conftest import REPO_ROOT
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from chunky_utils.chat import left_pad
 from chunky_utils.generation import GenerationSettings, generate_with_scales
-from chunky_utils.models import LoadedModel, left_pad
+from chunky_utils.models import LoadedModel
 from chunky_utils.steering import SteeringVector, active_hook_count, add_to_layers
 
 PROMPTS = ["Hi there", "Name a colour.", "Tell me a story about a brave little toaster."]

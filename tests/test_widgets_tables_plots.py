@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from chunky_utils import activations
+from chunky_utils.comparison_html import comparison_rows, side_by_side_html, word_diff_html
 from chunky_utils.config import RunConfig
 from chunky_utils.errors import UsageError
 from chunky_utils.layers import user_hooks
@@ -30,21 +31,13 @@ from chunky_utils.notebook.subsets import (
 )
 from chunky_utils.results import read_results, write_results
 from chunky_utils.steering import contrastive_vector
-from chunky_utils.tables import (
-    comparison_rows,
-    load_results_frame,
-    metric_names,
-    outcome_payload,
-    side_by_side_html,
-    summarize_configs,
-    word_diff_html,
-)
+from chunky_utils.tables import load_results_frame, metric_names, outcome_payload, summarize_configs
 from tests.conftest import REPO_ROOT
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
 
-from chunky_utils import plots  # noqa: E402
+from chunky_utils import activation_plots, plots, sweep_overview  # noqa: E402
 from chunky_utils.widgets.comparison import ComparisonViewer  # noqa: E402
 from chunky_utils.widgets.playground import SteeringPlayground  # noqa: E402
 from chunky_utils.widgets.playground_controls import BUILTIN_PROMPTS, TYPED_PROMPTS  # noqa: E402
@@ -340,7 +333,7 @@ def nineteen_subsets(tiny: LoadedModel, tmp_path_factory: pytest.TempPathFactory
 def test_layer_norms_figure_has_a_line_per_subset_and_the_vector(nineteen_subsets: dict[str, Any]) -> None:
     means = {key: nineteen_subsets["means"][key] for key in ("12", "0")}
     vector = contrastive_vector(means["12"], means["0"])
-    fig = plots.layer_norms_figure(means, vector)
+    fig = activation_plots.layer_norms_figure(means, vector)
     names = [trace.name for trace in fig.data]
     assert names == ["mean of 12 CoCoNot", "mean of 0 Math", "vector 12 - 0", "vector norm / mean norm"]
     assert all(list(trace.x) == [0, 1, 2, 3] for trace in fig.data)
@@ -356,7 +349,7 @@ def test_layer_norms_figure_has_a_line_per_subset_and_the_vector(nineteen_subset
 
 
 def test_cosine_heatmap_of_all_nineteen_subsets(nineteen_subsets: dict[str, Any]) -> None:
-    fig = plots.cosine_heatmap_figure(nineteen_subsets["means"], layer=2)
+    fig = activation_plots.cosine_heatmap_figure(nineteen_subsets["means"], layer=2)
     heatmap = fig.data[0]
     z = torch.tensor(heatmap.z)
     assert z.shape == (19, 19) and len(heatmap.x) == 19 and heatmap.y[18] == "18 IF Data"
@@ -365,21 +358,21 @@ def test_cosine_heatmap_of_all_nineteen_subsets(nineteen_subsets: dict[str, Any]
     assert "layer 2" in fig.layout.title.text
     assert (heatmap.zmin, heatmap.zmax, heatmap.zmid) == (-1.0, 1.0, 0.0), "0.95 must not look very different"
     assert "fixed range -1..1" in fig.layout.title.text
-    centred = plots.cosine_heatmap_figure(nineteen_subsets["means"], layer=2, center=True)
+    centred = activation_plots.cosine_heatmap_figure(nineteen_subsets["means"], layer=2, center=True)
     assert centred.data[0].zmid == 0 and float(torch.tensor(centred.data[0].z).min()) < float(z.min())
     assert (centred.data[0].zmin, centred.data[0].zmax) == (-1.0, 1.0)
     with pytest.raises(UsageError, match="at least two"):
-        plots.cosine_heatmap_figure({"12": nineteen_subsets["means"]["12"]}, layer=2)
+        activation_plots.cosine_heatmap_figure({"12": nineteen_subsets["means"]["12"]}, layer=2)
     two = {key: nineteen_subsets["means"][key] for key in ("12", "0")}
     with pytest.raises(UsageError, match="opposite directions by construction"):
-        plots.cosine_heatmap_figure(two, layer=2, center=True)
+        activation_plots.cosine_heatmap_figure(two, layer=2, center=True)
 
 
 def test_pca_figure_colours_prompts_by_subset(tiny: LoadedModel, nineteen_subsets: dict[str, Any]) -> None:
     prompt_sets = nineteen_subsets["prompt_sets"]
     acts = {key: prompt_activations(tiny, prompt_sets[key], 1, nineteen_subsets["cache"]) for key in ("12", "0", "8")}
     assert acts["12"].shape == (2, 64)
-    fig = plots.pca_figure(acts, layer=1, prompts={key: prompt_sets[key].prompts for key in acts})
+    fig = activation_plots.pca_figure(acts, layer=1, prompts={key: prompt_sets[key].prompts for key in acts})
     assert [trace.name for trace in fig.data] == ["12 CoCoNot", "0 Math", "8 Code"]
     assert [len(trace.x) for trace in fig.data] == [2, 2, 2]
     first_prompt = prompt_sets["12"].prompts[0]
@@ -393,12 +386,12 @@ def test_pca_2d_finds_the_direction_that_separates_two_clusters() -> None:
     offset = torch.zeros(16)
     offset[5] = 10.0
     points = torch.cat([torch.randn(20, 16, generator=generator), torch.randn(20, 16, generator=generator) + offset])
-    coordinates, shares = plots.pca_2d(points)
+    coordinates, shares = activation_plots.pca_2d(points)
     assert coordinates.shape == (40, 2) and shares[0] > 0.5 > shares[1]
     first, second = coordinates[:20, 0], coordinates[20:, 0]
     assert (first.max() < second.min()) or (second.max() < first.min())
     with pytest.raises(UsageError):
-        plots.pca_2d(torch.zeros(1, 4))
+        activation_plots.pca_2d(torch.zeros(1, 4))
 
 
 def test_trend_figures_plot_length_and_metrics_over_scale_then_layer(tmp_path: Path) -> None:
@@ -676,7 +669,8 @@ def test_your_own_prompts_from_the_box_and_from_the_parameters(tiny: LoadedModel
 
 def test_token_readings_are_taken_while_generating_and_match_a_second_pass(tiny: LoadedModel, tmp_path: Path) -> None:
     from chunky_utils.activations import output_hidden
-    from chunky_utils.models import find_decoder_layers, format_prompts, tokenize_prompts
+    from chunky_utils.chat import format_prompts, tokenize_prompts
+    from chunky_utils.models import find_decoder_layers
 
     playground = SteeringPlayground(tiny, tiny_config(tmp_path, metrics=False, max_tokens=8), prompts=SHORT_PROMPTS)
     payload = playground.generate()
@@ -817,7 +811,7 @@ def test_export_csv_html_and_the_cli_command(tiny: LoadedModel, tmp_path: Path) 
 
 
 def test_side_by_side_marks_words_only_where_answers_are_alike_and_pages() -> None:
-    from chunky_utils.tables import row_diff_html
+    from chunky_utils.comparison_html import row_diff_html
 
     left, right, note = row_diff_html("alpha beta gamma delta", "one two three four five")
     assert "chunky-added" not in right and "differ throughout" in note
@@ -891,7 +885,7 @@ def test_cell_browser_shows_real_line_breaks_a_page_at_a_time(tmp_path: Path) ->
 def test_heatmaps_name_their_experiment_say_which_way_is_better_and_explain_empty_cells() -> None:
     import pandas as pd
 
-    from chunky_utils.metric_views import heatmap_trace, layer_scale_heatmap, metric_heatmaps
+    from chunky_utils.layer_scale_heatmaps import heatmap_trace, layer_scale_heatmap, metric_heatmaps
     from chunky_utils.notebook.layer_table import per_layer_table
 
     records = []
@@ -956,7 +950,7 @@ def test_sweep_overview_figure_has_one_entry_per_measure_colour_bars_and_a_page_
                 }
             )
     frame = pd.DataFrame(rows)
-    figure = plots.sweep_overview_figure(frame)
+    figure = sweep_overview.sweep_overview_figure(frame)
     labels = [button.label for menu in figure.layout.updatemenus for button in menu.buttons]
     assert labels == ["concept score change", "perplexity change", "n tokens change", "text change from the baseline"]
     assert len(set(labels)) == len(labels) and figure.layout.updatemenus[0].type == "buttons"
@@ -967,5 +961,5 @@ def test_sweep_overview_figure_has_one_entry_per_measure_colour_bars_and_a_page_
     assert concept_axis.cmin == -concept_axis.cmax and "higher is better" in concept_axis.colorbar.title.text
     assert "lower is better" in perplexity_axis.colorbar.title.text
     assert "12 CoCoNot vs 0 Math on built-in prompts" in figure.layout.annotations[0].text
-    page = plots.sweep_overview_html(frame, "Sweep layer-scale")
+    page = sweep_overview.sweep_overview_html(frame, "Sweep layer-scale")
     assert "<title>Sweep layer-scale</title>" in page and not re.search(r"<script[^>]+src=", page)

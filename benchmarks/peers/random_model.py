@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.run_gpu import LLAMA_31_8B, SMOKE_SHAPE, build_random_llama8b  # noqa: E402
-from chunky_utils.models import CHATML_TEMPLATE, portable_model_config, write_portable_tokenizer  # noqa: E402
+from chunky_utils.chat import CHATML_TEMPLATE  # noqa: E402
+from chunky_utils.embedded_model import portable_model_config, write_portable_tokenizer  # noqa: E402
 
 
 def write_random_model(folder: Path, shape: dict[str, object], device: str) -> Path:

@@ -29,8 +29,8 @@ def summarize(folder: Path | str) -> Any:
 
 
 def overview_figure(frame: Any) -> Any:
-    """Layer x scale heatmaps of a sweep's summary (`chunky_utils.plots.sweep_overview_figure`)."""
-    from chunky_utils.plots import sweep_overview_figure
+    """Layer x scale heatmaps of a sweep's summary (`chunky_utils.sweep_overview.sweep_overview_figure`)."""
+    from chunky_utils.sweep_overview import sweep_overview_figure
 
     return sweep_overview_figure(frame)
 
@@ -47,7 +47,7 @@ def write_summary(folder: Path | str) -> tuple[Path | None, Path | None]:
     if importlib.util.find_spec("plotly") is None:
         log.warning("plotly is not installed: no %s (pip install plotly, then rerun to redraw)", FIGURE_FILE)
         return summary, None
-    from chunky_utils.plots import sweep_overview_html
+    from chunky_utils.sweep_overview import sweep_overview_html
 
     html = sweep_overview_html(frame, title=f"Sweep overview: {folder.name}")
     return summary, atomic_write_text(folder / FIGURE_FILE, html)
