@@ -32,11 +32,12 @@ import transformers  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
 from benchmarks.bench_lib import Row, exact_length_settings, side_by_side, synchronize, time_it  # noqa: E402
-from chunky_utils import fast_decode, packed_extraction  # noqa: E402
+from chunky_utils import decode_runner, fast_decode, packed_extraction  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
+from chunky_utils.decode_step import cache_attention  # noqa: E402
 from chunky_utils.generation import (  # noqa: E402
     GenerationSettings,
     generate_with_scales,
@@ -48,6 +49,7 @@ from chunky_utils.models import (  # noqa: E402
     load_model,
     model_fingerprint,
 )
+from chunky_utils.packed_extraction import routed_attention  # noqa: E402
 from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, prompt_key  # noqa: E402
 from chunky_utils.steering import add_to_layers  # noqa: E402
 
@@ -234,10 +236,10 @@ def profile_fast_step(loaded: LoadedModel, rows: int, length: int, steps: int = 
     """GPU milliseconds per decoding step by kernel kind, from the profiled (uncaptured) compiled step."""
     from torch.profiler import ProfilerActivity, profile
 
-    runner = fast_decode._runner(loaded.model)
+    runner = decode_runner.runner_for(loaded.model)
     state = runner.state(fast_decode.bucket_rows(rows), length)
     kind = (True, 0, 1.0)
-    with fast_decode.routed_attention(loaded.model, fast_decode.FAST_ATTENTION, fast_decode.cache_attention):
+    with routed_attention(loaded.model, fast_decode.FAST_ATTENTION, cache_attention):
         state.buffers["positions"].fill_(300)
         runner.run_step(state, kind)
         synchronize()
@@ -355,7 +357,8 @@ def extraction(
     first_packed_s = time.perf_counter() - started
     padded = torch.cat(extract_both([16], "padded"))
     relative = float(((packed - padded).norm(dim=-1) / padded.norm(dim=-1)).max())
-    packed_error, padded_error = fp32_errors(loaded, target[:40], packed[:40], padded[:40])
+    checked = min(40, len(target))  # the first prompts of the target set: rows 0.. of `packed` and `padded`
+    packed_error, padded_error = fp32_errors(loaded, target[:checked], packed[:checked], padded[:checked])
     times = side_by_side(
         {
             "plain_forward_b32": lambda: plain_full_forward(loaded, vector_prompts, 32),
@@ -578,15 +581,25 @@ def fast_generation(
     )
     rows.append(Row("temperature 0.7 token ids, fast = generate (share of rows)", share_warm, "-", True, detail_warm))
     results["agreement"] = {"greedy": [share, detail], "t0.7": [share_warm, detail_warm]}
-    results["decode_attention_kernel_ms"] = fast_decode._runner(loaded.model).kernel_ms
+    results["decode_attention_kernel_ms"] = decode_runner.runner_for(loaded.model).kernel_ms
     if not args.smoke:
-        (eager_share, eager_detail), (fast_share, fast_detail) = fp32_agreement(
+        (eager_share, eager_detail), (fast_share, fast_detail), (fp32_share, fp32_detail) = fp32_agreement(
             loaded, gen_prompts, vector, new_tokens, eager, greedy
         )
         results["agreement"]["fp32_reference"] = {
             "eager": [eager_share, eager_detail],
             "fast": [fast_share, fast_detail],
+            "fast_fp32_vs_generate_fp32": [fp32_share, fp32_detail],
         }
+        rows.append(
+            Row(
+                "greedy token ids, fast path = transformers generate, both on an fp32 copy (share of rows)",
+                fp32_share,
+                ">= 0.95",
+                fp32_share >= 0.95,
+                fp32_detail,
+            )
+        )
         rows.append(
             Row(
                 "greedy token ids equal to an fp32 reference: fast path (share of rows)",
@@ -606,14 +619,23 @@ def fp32_agreement(
     new_tokens: int,
     eager: list[list[int]],
     fast: list[list[int]],
-) -> tuple[tuple[float, str], tuple[float, str]]:
-    """How far each bf16 path's greedy tokens get before leaving those of an fp32 copy of the model."""
+) -> tuple[tuple[float, str], tuple[float, str], tuple[float, str]]:
+    """How far each bf16 path's greedy tokens get before leaving those of an fp32 copy of the model, and
+    whether the fast path and `generate` agree when both run that fp32 copy (TF32 off): the path's own
+    differences without bf16 rounding."""
     reference_model = copy.deepcopy(loaded.model).float()
     reference = LoadedModel(reference_model, loaded.tokenizer, loaded.name, loaded.fingerprint)
-    tokens = eager_rows(reference, prompts, vector, [0.0, 2.0], new_tokens, GREEDY)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        tokens = eager_rows(reference, prompts, vector, [0.0, 2.0], new_tokens, GREEDY)
+        fast_fp32 = fast_rows(reference, prompts, vector, [0.0, 2.0], new_tokens)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        fast_decode.release(reference_model)
     del reference, reference_model
     torch.cuda.empty_cache()
-    return agreement(eager, tokens), agreement(fast, tokens)
+    return agreement(eager, tokens), agreement(fast, tokens), agreement(fast_fp32, tokens)
 
 
 def decode_step_row(

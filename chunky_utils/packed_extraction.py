@@ -179,8 +179,12 @@ def run_packed_layer(
     packing: dict[str, Any],
 ) -> torch.Tensor:
     """One decoder layer over a packed sequence: compiled once for every layer and length on a CUDA GPU
-    (fused norms and elementwise work; CHUNKY_PACKED_COMPILE=0 keeps it eager), eager elsewhere."""
-    wanted = hidden.is_cuda and os.environ.get("CHUNKY_PACKED_COMPILE", "1") != "0"
+    where variable-length flash attention works (fused norms and elementwise work; CHUNKY_PACKED_COMPILE=0
+    keeps it eager), eager elsewhere."""
+    # without variable-length flash attention (fp32, say) attention loops over prompts by their bounds,
+    # which would recompile for every chunk: that layer runs eagerly
+    flash = _FLASH_OK.get((str(hidden.device), hidden.dtype), False)
+    wanted = hidden.is_cuda and flash and os.environ.get("CHUNKY_PACKED_COMPILE", "1") != "0"
     if not wanted or _COMPILED.get("failed"):
         return _packed_layer(layer, hidden, position_ids, cos, sin, packing)
     if "layer" not in _COMPILED:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from chunky_utils import fast_decode
+from chunky_utils import decode_runner, fast_decode
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.fast_decode import (
     ROW_BUCKETS,
@@ -20,6 +20,7 @@ from chunky_utils.fast_decode import (
     last_run_info,
     structure_reason,
 )
+from chunky_utils.fused_projections import fuse_layers, fusion_reason
 from chunky_utils.models import LoadedModel, build_tiny_model
 from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, prompt_key
 from chunky_utils.steering import add_to_layers
@@ -234,3 +235,45 @@ def test_generate_with_scales_takes_the_fast_path_when_it_applies(
         fast = generate_with_scales(tiny, prompts, 1, direction, [0.0, 2.0], settings, progress=False)
     assert "fast decode path" in caplog.text
     assert fast.texts == plain.texts
+
+
+def tiny_with_head_norms() -> LoadedModel:
+    """A tiny random Qwen3 (per-head query and key norms), with the tiny models' tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = build_tiny_model("qwen2")
+    sizes = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+    sizes |= {"intermediate_size": 128, "head_dim": 16, "max_position_embeddings": 2048}
+    config = AutoConfig.for_model("qwen3", **sizes, vocab_size=len(base.tokenizer))
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms away from 1, so a skipped or misplaced norm changes the tokens
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    model.generation_config.pad_token_id = base.tokenizer.pad_token_id
+    return LoadedModel(model=model, tokenizer=base.tokenizer, name="tiny-qwen3", fingerprint="tiny-qwen3")
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("sampling", [GREEDY, WARM], ids=["greedy", "t0.7"])
+def test_fused_products_give_generate_tokens(architecture: str, sampling: SamplingSettings) -> None:
+    loaded = tiny_with_head_norms() if architecture == "qwen3" else build_tiny_model(architecture, seed=2)
+    parts = decode_runner.runner_for(loaded.model).parts
+    parts.fused = fuse_layers(parts.layers, force=True)
+    assert parts.fused is not None
+    token_ids = prompt_ids(loaded)
+    row_prompts, deltas = scaled_rows(loaded, [0.0, 3.0])
+    args = (loaded, token_ids, row_prompts, {1: deltas}, "all", sampling, 12, 0, [loaded.tokenizer.eos_token_id])
+    try:
+        assert fast(*args) == reference(*args)
+    finally:
+        fast_decode.release(loaded.model)
+
+
+def test_fusion_is_automatic_on_a_gpu_only_and_declines_odd_layers(tiny: LoadedModel) -> None:
+    layers = list(tiny.model.model.layers)
+    assert fuse_layers(layers) is None  # on the CPU: stepping through the modules
+    assert fusion_reason(layers) is None
+    layers[0].mlp.gate_proj.bias = torch.nn.Parameter(torch.zeros(layers[0].mlp.gate_proj.out_features))
+    assert fusion_reason(layers) == "the MLP has biases"

@@ -1,0 +1,102 @@
+"""Two short GPU checks of the fast decode path, each well inside one device call (random Llama-3.1-8B shape).
+
+- `times`: plain `generate` and the fast path's three target rows (50 prompts x 100 tokens baseline +
+  steered, the same with 5 scales, 10 prompts baseline + steered), medians of 3 interleaved repeats after
+  a warm-up that compiles and captures.
+- `agreement`: greedy token ids of the fast path against transformers' `generate` (steering hooks,
+  shared-stream processor), 50 prompts x 2 rows x 100 tokens; `--dtype float32` runs both on an fp32
+  model with TF32 off, which separates the path's own differences from bf16 rounding.
+
+`python benchmarks/gpu_focused.py times|agreement [--dtype float32] [--out DIR]`; `run_gpu.py` has the
+full table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_lib import side_by_side  # noqa: E402
+from benchmarks.run_gpu import (  # noqa: E402
+    GREEDY,
+    agreement,
+    build_random_llama8b,
+    eager_rows,
+    fast_rows,
+    make_prompts,
+    plain_generate,
+)
+from chunky_utils import fast_decode  # noqa: E402
+
+NEW_TOKENS = 100
+
+
+def timings(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, Any]:
+    """Median seconds of plain generate and of the fast path's three target rows, side by side."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def fast(name: str, chosen: list[str], scales: list[float]) -> Any:
+        def run() -> None:
+            fast_rows(loaded, chosen, vector, scales, NEW_TOKENS)
+            runs.setdefault(name, []).append(asdict(fast_decode.last_run_info()))
+
+        return run
+
+    candidates = {
+        "plain_generate": lambda: plain_generate(loaded, prompts, NEW_TOKENS),
+        "fast_baseline+steered": fast("fast_baseline+steered", prompts, [0.0, 2.0]),
+        "fast_baseline+5_scales": fast("fast_baseline+5_scales", prompts, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]),
+        "fast_baseline+steered_10_prompts": fast("fast_baseline+steered_10_prompts", prompts[:10], [0.0, 2.0]),
+    }
+    for name in list(candidates)[1:]:  # compile and capture outside the timed runs
+        candidates[name]()
+    times = side_by_side(candidates, 3)
+    ratio = times["fast_baseline+steered"] / times["plain_generate"]
+    return {"times_s": times, "ratio_steered_to_plain": ratio, "runs": runs}
+
+
+def greedy_agreement(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, Any]:
+    """Share of rows whose greedy token ids are the same from both paths, and where the others part."""
+    reference = eager_rows(loaded, prompts, vector, [0.0, 2.0], NEW_TOKENS, GREEDY)
+    fast = fast_rows(loaded, prompts, vector, [0.0, 2.0], NEW_TOKENS)
+    share, detail = agreement(fast, reference)
+    return {"fast_vs_generate": [share, detail], "fast_run": asdict(fast_decode.last_run_info())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["times", "agreement"])
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    loaded = build_random_llama8b("cuda:0")
+    if args.dtype == "float32":
+        loaded.model.float()
+        torch.set_float32_matmul_precision("highest")
+    prompts = make_prompts(50, 50, 400, seed=1)
+    torch.manual_seed(0)
+    vector = torch.randn(loaded.hidden_size) * 2.0
+    measure = timings if args.mode == "times" else greedy_agreement
+    result = {"mode": args.mode, "dtype": args.dtype, **measure(loaded, prompts, vector)}
+    result["wall_s"] = time.perf_counter() - started
+    print(json.dumps({key: value for key, value in result.items() if key not in ("runs", "fast_run")}, indent=1))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"gpu_focused_{args.mode}_{args.dtype}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
