@@ -20,7 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 
@@ -117,6 +117,14 @@ def plain_full_forward(loaded: LoadedModel, prompts: list[str], batch_size: int)
 def plain_generate(loaded: LoadedModel, prompts: list[str], new_tokens: int, **generate_kwargs: object) -> list[str]:
     token_ids = tokenize_prompts(loaded.tokenizer, format_prompts(loaded.tokenizer, prompts))
     inputs = left_pad(token_ids, pad_token_id(loaded.tokenizer), loaded.device)
+    return loaded.tokenizer.batch_decode(generate_exactly(loaded, inputs, new_tokens, **generate_kwargs))
+
+
+def generate_exactly(
+    loaded: LoadedModel, inputs: dict[str, torch.Tensor], new_tokens: int, **generate_kwargs: object
+) -> torch.Tensor:
+    """transformers' generate without sampling (logits processors aside), exactly `new_tokens` new tokens per
+    left-padded row; the new token ids only."""
     out = loaded.model.generate(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
@@ -126,7 +134,7 @@ def plain_generate(loaded: LoadedModel, prompts: list[str], new_tokens: int, **g
         pad_token_id=pad_token_id(loaded.tokenizer),
         **generate_kwargs,
     )
-    return loaded.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :])
+    return out[:, inputs["input_ids"].shape[1] :]
 
 
 def print_targets(title: str, rows: list[Row]) -> str:
@@ -167,20 +175,11 @@ def eager_rows(
     token_ids = prompt_token_ids(loaded, prompts)
     rows = [p for p in range(len(prompts)) for _ in scales]
     deltas = torch.stack([vector * s for _ in prompts for s in scales])
-    pad = pad_token_id(loaded.tokenizer)
-    inputs = left_pad([token_ids[p] for p in rows], pad, loaded.device)
+    inputs = left_pad([token_ids[p] for p in rows], pad_token_id(loaded.tokenizer), loaded.device)
     processor = SharedStreamProcessor(sampling, [prompt_key(prompts[p]) for p in rows], inputs["input_ids"].shape[1])
     with grouped_query_decoding(loaded.model), add_to_layers(loaded.model, {16: deltas}):
-        output = loaded.model.generate(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            pad_token_id=pad,
-            logits_processor=LogitsProcessorList([processor]),
-        )
-    return output[:, inputs["input_ids"].shape[1] :].tolist()
+        output = generate_exactly(loaded, inputs, new_tokens, logits_processor=LogitsProcessorList([processor]))
+    return output.tolist()
 
 
 def fast_rows(
@@ -266,7 +265,21 @@ def profile_fast_step(loaded: LoadedModel, rows: int, length: int, steps: int = 
     return kinds
 
 
-Section = Callable[..., list[Row]]
+@dataclass(frozen=True)
+class Inputs:
+    """What every benchmark section is given: the model, the options, the steering vector, the vector prompts,
+    how many prompts to generate for and how many tokens, and the results dict the sections fill in."""
+
+    loaded: LoadedModel
+    args: argparse.Namespace
+    vector: torch.Tensor
+    vector_prompts: list[str]
+    n_gen: int
+    new_tokens: int
+    results: dict[str, object]
+
+
+Section = Callable[[Inputs], list[Row]]
 
 
 def main() -> None:
@@ -308,12 +321,13 @@ def main() -> None:
         rows.extend(multi_gpu(loaded, make_prompts(8, 50, 400, seed=1), vector, results))
         report(args.out, results, rows)
         return
+    inputs = Inputs(loaded, args, vector, vector_prompts, n_gen, new_tokens, results)
     sections: list[tuple[str, Section]] = [] if args.only_generation else [("extraction", extraction)]
     sections += [] if args.skip_eager_generation else [("generation", generation)]
     sections += [("fast_decode", fast_generation)]
     for name, section in sections:
         try:
-            rows.extend(section(loaded, args, vector, vector_prompts, n_gen, new_tokens, results))
+            rows.extend(section(inputs))
         except Exception as exc:  # report the failure and measure the rest
             traceback.print_exc()
             errors[name] = traceback.format_exc()[-3000:]
@@ -324,16 +338,9 @@ def main() -> None:
     report(args.out, results, rows)
 
 
-def extraction(
-    loaded: LoadedModel,
-    args: argparse.Namespace,
-    _vector: torch.Tensor,
-    vector_prompts: list[str],
-    _n_gen: int,
-    _new_tokens: int,
-    results: dict[str, object],
-) -> list[Row]:
+def extraction(inputs: Inputs) -> list[Row]:
     """Extraction at layer 16 (packed on the GPU) and every layer, against the padded path and a plain forward."""
+    loaded, args, vector_prompts, results = inputs.loaded, inputs.args, inputs.vector_prompts, inputs.results
     half = len(vector_prompts) // 2
     target, baseline = vector_prompts[:half], vector_prompts[half:]
 
@@ -436,16 +443,10 @@ def fp32_errors(
     return error(packed), error(padded)
 
 
-def generation(
-    loaded: LoadedModel,
-    args: argparse.Namespace,
-    vector: torch.Tensor,
-    _vector_prompts: list[str],
-    n_gen: int,
-    new_tokens: int,
-    results: dict[str, object],
-) -> list[Row]:
+def generation(inputs: Inputs) -> list[Row]:
     """transformers-generate rows: plain generate (the reference) and generate_with_scales as it is wired."""
+    loaded, args, vector, results = inputs.loaded, inputs.args, inputs.vector, inputs.results
+    n_gen, new_tokens = inputs.n_gen, inputs.new_tokens
     gen_prompts = make_prompts(n_gen, 50, 400, seed=1)
 
     def ours(scales: list[float], cache: str | None = None, packed: bool = True, positions: str = "all"):
@@ -489,16 +490,10 @@ def generation(
     return rows
 
 
-def fast_generation(
-    loaded: LoadedModel,
-    args: argparse.Namespace,
-    vector: torch.Tensor,
-    _vector_prompts: list[str],
-    n_gen: int,
-    new_tokens: int,
-    results: dict[str, object],
-) -> list[Row]:
+def fast_generation(inputs: Inputs) -> list[Row]:
     """The fast decode path against plain generate in the same run, its decode step against the floor, agreement."""
+    loaded, args, vector, results = inputs.loaded, inputs.args, inputs.vector, inputs.results
+    n_gen, new_tokens = inputs.n_gen, inputs.new_tokens
     gen_prompts = make_prompts(n_gen, 50, 400, seed=1)
     few = gen_prompts[: max(1, n_gen // 5)]
     infos: dict[str, list[fast_decode.RunInfo]] = {}

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chunky_utils.batching import greedy_batches
 from chunky_utils.cache import ActivationCache, CacheKey, SubsetMean
 from chunky_utils.chat import chat_template_hash, format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.data import PromptSet
@@ -59,24 +60,15 @@ def length_sorted_batches(
     A batch closes when it has `batch_size` rows, would exceed `max_batch_tokens` padded tokens, or
     its padding share would pass `max_padding`.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    real = 0
-    for index in order:
-        if current:
-            width = lengths[current[0]]
-            rows = len(current) + 1
-            too_many_tokens = max_batch_tokens is not None and rows * width > max_batch_tokens
-            too_padded = 1 - (real + lengths[index]) / (rows * width) > max_padding
-            if len(current) >= batch_size or too_many_tokens or too_padded:
-                batches.append(current)
-                current, real = [], 0
-        current.append(index)
-        real += lengths[index]
-    if current:
-        batches.append(current)
-    return batches
+
+    def closes(batch: list[int], index: int) -> bool:
+        width = lengths[batch[0]]
+        rows = len(batch) + 1
+        too_many_tokens = max_batch_tokens is not None and rows * width > max_batch_tokens
+        too_padded = 1 - (sum(lengths[i] for i in batch) + lengths[index]) / (rows * width) > max_padding
+        return len(batch) >= batch_size or too_many_tokens or too_padded
+
+    return greedy_batches(sorted(range(len(lengths)), key=lambda i: -lengths[i]), closes)
 
 
 @torch.inference_mode()

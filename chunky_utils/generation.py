@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList
 
 from chunky_utils.attention import grouped_query_decoding
+from chunky_utils.batching import greedy_batches
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.errors import UsageError
 from chunky_utils.models import LoadedModel
@@ -90,21 +91,12 @@ class GenerationOutput:
 
 def row_batches(prompt_lengths: Sequence[int], rows_per_prompt: Sequence[int], batch_rows: int) -> list[list[int]]:
     """Prompt indices in batches of at most `batch_rows` rows (a prompt's rows stay together), longest first."""
-    order = sorted(range(len(prompt_lengths)), key=lambda i: (-prompt_lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    filled = 0
-    for index in order:
-        if rows_per_prompt[index] == 0:
-            continue
-        if current and filled + rows_per_prompt[index] > batch_rows:
-            batches.append(current)
-            current, filled = [], 0
-        current.append(index)
-        filled += rows_per_prompt[index]
-    if current:
-        batches.append(current)
-    return batches
+    order = sorted((i for i in range(len(prompt_lengths)) if rows_per_prompt[i]), key=lambda i: (-prompt_lengths[i], i))
+
+    def closes(batch: list[int], index: int) -> bool:
+        return sum(rows_per_prompt[i] for i in batch) + rows_per_prompt[index] > batch_rows
+
+    return greedy_batches(order, closes)
 
 
 @torch.inference_mode()

@@ -86,44 +86,26 @@ def test_new_layer_or_scale_runs_no_extraction(tmp_path: Path, caplog) -> None:
 
 def test_same_command_twice_gives_same_text(tmp_path: Path) -> None:
     args = ("--layer", "1", "--temperature", "0.9", "--seed", "3")
-    assert (
-        main(
-            [
-                *TINY,
-                "--output-dir",
-                str(tmp_path / "a"),
-                "--target-subset",
-                "5",
-                "--baseline-subset",
-                "8",
-                "--n-samples",
-                "4",
-                "--max-tokens",
-                "8",
-                *args,
-            ]
+    for folder in "ab":
+        assert (
+            main(
+                [
+                    *TINY,
+                    "--output-dir",
+                    str(tmp_path / folder),
+                    "--target-subset",
+                    "5",
+                    "--baseline-subset",
+                    "8",
+                    "--n-samples",
+                    "4",
+                    "--max-tokens",
+                    "8",
+                    *args,
+                ]
+            )
+            == 0
         )
-        == 0
-    )
-    assert (
-        main(
-            [
-                *TINY,
-                "--output-dir",
-                str(tmp_path / "b"),
-                "--target-subset",
-                "5",
-                "--baseline-subset",
-                "8",
-                "--n-samples",
-                "4",
-                "--max-tokens",
-                "8",
-                *args,
-            ]
-        )
-        == 0
-    )
     texts = [json.loads(next((tmp_path / d).rglob("results.json")).read_text())["results"] for d in "ab"]
     assert texts[0] == texts[1]
 
