@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,17 @@ def test_benchmark_prompts_keep_heldout_rows_out_of_the_vector(tmp_path: Path) -
     assert not {row.id for row in prompts.heldout} & set(prompts.target.ids + prompts.baseline.ids)
 
 
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """peers.main configures logging for a command-line run (chunky_utils quieted): undo it for later tests."""
+    logger = logging.getLogger("chunky_utils")
+    level, root_handlers = logger.level, list(logging.getLogger().handlers)
+    yield
+    logger.setLevel(level)
+    logging.getLogger().handlers[:] = root_handlers
+
+
+@pytest.mark.usefixtures("logging_restored")
 def test_main_skips_cleanly_without_the_real_prompts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert peers.main(["--realdata", str(tmp_path / "absent"), "--out", str(tmp_path / "out.json")]) == 0
     assert "skipped" in capsys.readouterr().out
