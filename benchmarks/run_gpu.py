@@ -214,6 +214,15 @@ def agreement(fast: list[list[int]], eager: list[list[int]]) -> tuple[float, str
     return sum(same) / len(same), detail
 
 
+def tokens_kept(found: list[list[int]], reference: list[list[int]]) -> float:
+    """Mean number of leading tokens a row keeps of its reference row (a row equal throughout keeps all)."""
+    kept = [
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        for a, b in zip(found, reference, strict=True)
+    ]
+    return sum(kept) / len(kept)
+
+
 def decode_floor(loaded: LoadedModel, prompts: list[str], rows_per_prompt: int, new_tokens: int) -> dict[str, float]:
     """Bytes one decoding step must read on average: the weights once, each row's keys and values so far."""
     model = loaded.model
@@ -578,8 +587,18 @@ def fast_generation(inputs: Inputs) -> list[Row]:
     results["agreement"] = {"greedy": [share, detail], "t0.7": [share_warm, detail_warm]}
     results["decode_attention_kernel_ms"] = decode_runner.runner_for(loaded.model).kernel_ms
     if not args.smoke:
-        (eager_share, eager_detail), (fast_share, fast_detail), (fp32_share, fp32_detail) = fp32_agreement(
+        (eager_share, eager_detail), (fast_share, fast_detail), (fp32_share, fp32_detail), kept = fp32_agreement(
             loaded, gen_prompts, vector, new_tokens, eager, greedy
+        )
+        results["agreement"]["tokens_kept_of_fp32"] = kept
+        rows.append(
+            Row(
+                "bf16: mean tokens kept of the fp32 answers, fast path / transformers generate",
+                kept["fast"] / max(kept["generate"], 1e-9),
+                ">= 0.75",
+                kept["fast"] >= 0.75 * kept["generate"],
+                f"fast {kept['fast']:.1f}, generate {kept['generate']:.1f} of {new_tokens} tokens",
+            )
         )
         results["agreement"]["fp32_reference"] = {
             "eager": [eager_share, eager_detail],
@@ -614,7 +633,7 @@ def fp32_agreement(
     new_tokens: int,
     eager: list[list[int]],
     fast: list[list[int]],
-) -> tuple[tuple[float, str], tuple[float, str], tuple[float, str]]:
+) -> tuple[tuple[float, str], tuple[float, str], tuple[float, str], dict[str, float]]:
     """How far each bf16 path's greedy tokens get before leaving those of an fp32 copy of the model, and
     whether the fast path and `generate` agree when both run that fp32 copy (TF32 off): the path's own
     differences without bf16 rounding."""
@@ -630,7 +649,8 @@ def fp32_agreement(
         fast_decode.release(reference_model)
     del reference, reference_model
     torch.cuda.empty_cache()
-    return agreement(eager, tokens), agreement(fast, tokens), agreement(fast_fp32, tokens)
+    kept = {"generate": tokens_kept(eager, tokens), "fast": tokens_kept(fast, tokens)}
+    return agreement(eager, tokens), agreement(fast, tokens), agreement(fast_fp32, tokens), kept
 
 
 def decode_step_row(

@@ -19,3 +19,10 @@ def test_gpu_benchmark_smoke_run_writes_every_generation_timing(tmp_path: Path) 
     expected = {"plain_generate", "plain_generate_grouped_queries", "baseline", "baseline+steered"}
     assert expected <= set(timings) and all(seconds > 0 for seconds in timings.values())
     assert "baseline+steered in one generate (packed prefill) / plain generate" in results["table"]
+
+
+def test_tokens_kept_counts_leading_agreement() -> None:
+    from benchmarks.run_gpu import tokens_kept
+
+    reference = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    assert tokens_kept([[1, 2, 0, 4], [5, 6, 7, 8], [0, 9, 9, 9]], reference) == (2 + 4 + 0) / 3
