@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -220,13 +220,15 @@ def fast_generate(
     progress: bool = False,
     stop_event: threading.Event | None = None,
     max_batch_tokens: int = 16384,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Each row's generated token ids, up to and including its first EOS.
 
     Row r continues prompt `row_prompts[r]` (token ids, chat template applied) with sampling key
     `row_keys[r]`; `layer_deltas[layer]` ([rows, hidden]) is added to that layer's output, at prompt and
     generated positions ('all') or at the last prompt token and every decoding step ('generated'), as
-    steering.RowDeltaHook does. A set `stop_event` ends the loop before the next step.
+    steering.RowDeltaHook does. A set `stop_event` ends the loop before the next step; `on_step(steps done,
+    rows)` is called after each step (on the host, without waiting for the GPU).
     """
     global _LAST
     model = loaded.model
@@ -288,6 +290,8 @@ def fast_generate(
                 else:
                     runner.run_step(state, kind)
                 steps += 1
+                if on_step is not None:
+                    on_step(steps, n_rows)
                 if steps % FINISHED_CHECK_EVERY == 0 and bool(state.buffers["finished"].all()):
                     break
         generated = state.buffers["out_tokens"][:n_rows, :steps].tolist()

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +19,8 @@ from transformers import LogitsProcessorList
 from chunky_utils.attention import grouped_query_decoding
 from chunky_utils.batching import greedy_batches
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
-from chunky_utils.errors import UsageError
+from chunky_utils.errors import StopRequested, UsageError
+from chunky_utils.layers import observers_suspended
 from chunky_utils.models import LoadedModel
 from chunky_utils.options import BATCH_ROWS
 from chunky_utils.prefill import cache_argument_name, packed_prefill
@@ -24,6 +28,29 @@ from chunky_utils.sampling import SAMPLER_NAME, SamplingSettings, SharedStreamPr
 from chunky_utils.steering import SteeringVector, add_to_layers
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DecodeControls:
+    """What an observer of a run tells generation: a stop flag, a per-step callback (steps done, rows) for the
+    GPU decode loop, which runs no module hooks, and why that loop must not be used (None: it may be)."""
+
+    stop: threading.Event | None = None
+    on_step: Callable[[int, int], None] | None = None
+    no_fast_decode: str | None = None
+
+
+_CONTROLS: ContextVar[DecodeControls | None] = ContextVar("chunky_decode_controls", default=None)
+
+
+@contextmanager
+def decode_controls(controls: DecodeControls) -> Iterator[None]:
+    """Generation in this block (this thread or task) follows `controls`."""
+    token = _CONTROLS.set(controls)
+    try:
+        yield
+    finally:
+        _CONTROLS.reset(token)
 
 
 @dataclass(frozen=True)
@@ -225,26 +252,32 @@ def _fast_rows(
     """Every row's token ids from the captured GPU decode loop, or None (and why, in the log) to use `generate`."""
     from chunky_utils.fast_decode import fast_generate, fast_path_reason
 
-    reason = fast_path_reason(loaded, settings)
+    controls = _CONTROLS.get() or DecodeControls()
+    reason = controls.no_fast_decode or fast_path_reason(loaded, settings)
     if reason is None:
         eos = loaded.model.generation_config.eos_token_id
         try:
-            rows = fast_generate(
-                loaded,
-                token_ids,
-                row_prompts,
-                row_keys,
-                layer_deltas,
-                settings.positions,
-                settings.sampling,
-                settings.max_new_tokens,
-                settings.min_new_tokens,
-                eos if eos is not None else loaded.tokenizer.eos_token_id,
-                progress=progress,
-            )
+            with observers_suspended(loaded.model):
+                rows = fast_generate(
+                    loaded,
+                    token_ids,
+                    row_prompts,
+                    row_keys,
+                    layer_deltas,
+                    settings.positions,
+                    settings.sampling,
+                    settings.max_new_tokens,
+                    settings.min_new_tokens,
+                    eos if eos is not None else loaded.tokenizer.eos_token_id,
+                    progress=progress,
+                    stop_event=controls.stop,
+                    on_step=controls.on_step,
+                )
         except ValueError as exc:  # e.g. an answer longer than a sliding attention window
             reason = str(exc)
         else:
+            if controls.stop is not None and controls.stop.is_set():
+                raise StopRequested("stopped by the user")
             log.info("generation: fast decode path (captured one-token step on the GPU)")
             return rows
     log.info("generation: transformers generate (fast decode path not used: %s)", reason)

@@ -130,11 +130,45 @@ def add_deltas(model: nn.Module, deltas: Mapping[int, torch.Tensor], positions: 
             handle.remove()
 
 
+def observer(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` as a hook marked as an observer: it only watches (progress, stop), so the GPU decode loop,
+    which runs no hooks, may run without it when it is told the same things another way."""
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    hook.chunky_observer = True  # type: ignore[attr-defined]
+    return hook
+
+
+@contextmanager
+def observers_suspended(model: nn.Module) -> Iterator[None]:
+    """`observer` hooks taken off every module of `model` for the block, then put back: code that compiles
+    or captures the model (the GPU decode loop) must not trace them, and tells observers its steps itself."""
+    removed: list[tuple[dict[int, Any], int, Any]] = []
+    for module in model.modules():
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key, hook in list(hooks.items()):
+                if getattr(hook, "chunky_observer", False):
+                    removed.append((hooks, key, hook))
+                    del hooks[key]
+    try:
+        yield
+    finally:
+        for hooks, key, hook in removed:
+            hooks[key] = hook
+
+
 def user_hooks(module: nn.Module) -> list[Any]:
-    """Forward and pre-forward hooks on `module`, leaving out transformers' own output-capturing hooks (installed
-    for good by the first `output_hidden_states=True` call, inert otherwise)."""
+    """Forward and pre-forward hooks on `module` that change what it computes: without transformers' own
+    output-capturing hooks (installed for good by the first `output_hidden_states=True` call, inert
+    otherwise) and without `observer` hooks."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return [hook for hook in hooks if not getattr(hook, "__module__", "").startswith("transformers.")]
+    return [hook for hook in hooks if not _transformers_hook(hook) and not getattr(hook, "chunky_observer", False)]
+
+
+def _transformers_hook(hook: Any) -> bool:
+    return getattr(hook, "__module__", "").startswith("transformers.")
 
 
 def active_hook_count(model: nn.Module) -> int:

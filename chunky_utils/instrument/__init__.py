@@ -24,7 +24,7 @@ from chunky_utils.instrument.readings import (
 )
 from chunky_utils.instrument.vectors import cached_means, cached_vector, relative_magnitude
 from chunky_utils.instrument.watch import (
-    FAST_DECODE_SWITCH,
+    READINGS_NEED_HOOKS,
     STAGES,
     RowReading,
     RunProgress,
@@ -33,7 +33,7 @@ from chunky_utils.instrument.watch import (
 )
 
 __all__ = [
-    "FAST_DECODE_SWITCH",
+    "READINGS_NEED_HOOKS",
     "STAGES",
     "GridCell",
     "GridResult",

@@ -4,7 +4,6 @@ stream at the steered layer read on every decoding step (before the steering del
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,16 +15,14 @@ import torch
 from torch import nn
 
 from chunky_utils.activations import output_hidden
+from chunky_utils.errors import StopRequested
+from chunky_utils.generation import DecodeControls, decode_controls
+from chunky_utils.layers import observer
 from chunky_utils.models import LoadedModel, find_decoder_layers
 from chunky_utils.steering import RowDeltaHook, active_hook_count
 
 STAGES: tuple[str, ...] = ("extracting", "generating", "scoring")
-FAST_DECODE_SWITCH = "CHUNKY_FAST_DECODE"
-"""The environment switch `chunky_utils.fast_decode` reads; '0' keeps generation on hookable `generate`."""
-
-
-class StopRequested(Exception):
-    """The user asked to stop: raised inside the next forward step, so the run ends within one step."""
+READINGS_NEED_HOOKS = "per-step token readings need module hooks, which the captured decode loop does not run"
 
 
 @dataclass
@@ -199,28 +196,44 @@ class RunWatch:
 
     @contextmanager
     def attached(self) -> Iterator[RunWatch]:
-        """The hooks, on the model while the block runs; always removed. While attached, generation takes
-        transformers' `generate` (CHUNKY_FAST_DECODE=0): the captured GPU decode loop runs no module hooks,
-        so it could neither be stopped nor read step by step."""
+        """The hooks, on the model while the block runs; always removed. The GPU decode loop runs no module
+        hooks, so it is told the stop flag and reports its steps through `generation.decode_controls`; with
+        per-step readings (`read_layer`) generation keeps to transformers' `generate`, where they are read."""
         model = self.loaded.model
         layers = find_decoder_layers(model)
-        previous = os.environ.get(FAST_DECODE_SWITCH)
-        os.environ[FAST_DECODE_SWITCH] = "0"
         handles = [
-            layers[0].register_forward_pre_hook(self._on_any_forward, with_kwargs=True),
-            model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+            layers[0].register_forward_pre_hook(observer(self._on_any_forward), with_kwargs=True),
+            model.register_forward_pre_hook(observer(self._on_model_call), with_kwargs=True),
         ]
         if self.read_layer is not None:
             handles.append(layers[self.read_layer].register_forward_hook(self._on_read_layer))
+        controls = DecodeControls(
+            stop=self.stop,
+            on_step=self._on_fast_step,
+            no_fast_decode=READINGS_NEED_HOOKS if self.read_layer is not None else None,
+        )
         try:
-            yield self
+            with decode_controls(controls):
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
-            if previous is None:
-                os.environ.pop(FAST_DECODE_SWITCH, None)
-            else:
-                os.environ[FAST_DECODE_SWITCH] = previous
+
+    def _on_fast_step(self, steps: int, rows: int) -> None:
+        """A step of the GPU decode loop (no hooks run there): progress and step timing, as the hooks give them."""
+        now = time.perf_counter()
+        if steps == 1:
+            self.groups.append(_Group(offset=0))
+            self.rows_decoded += rows
+            self._last_step_at = None
+        elif self._last_step_at is not None:
+            self._step_times.append(now - self._last_step_at)
+        self._last_step_at = now
+        # token ids stay on the GPU until the loop ends: the step records only how many rows it decoded
+        self.groups[-1].steps.append(_DecodeStep(ids=torch.zeros(rows, dtype=torch.long)))
+        self.decode_steps += 1
+        self.counts["generating"] += 1
+        self._report()
 
     # ------------------------------------------------------------ progress
 
