@@ -613,9 +613,9 @@ def test_generate_runs_on_a_worker_thread_and_stop_ends_it_within_a_step(tiny: L
     assert playground.runs == 1
     from chunky_utils.steering import active_hook_count
 
-    assert active_hook_count(tiny.model) == 0 and not any(
-        user_hooks(layer) for layer in tiny.model.model.layers
-    ), "every hook removed after a stop"
+    assert active_hook_count(tiny.model) == 0 and not any(user_hooks(layer) for layer in tiny.model.model.layers), (
+        "every hook removed after a stop"
+    )
 
 
 def test_a_double_click_starts_one_generation(tiny: LoadedModel, tmp_path: Path) -> None:
