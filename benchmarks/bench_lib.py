@@ -156,3 +156,13 @@ def generation_ratios(
         },
         repeats,
     )
+
+
+def first_differences(found: Sequence[Sequence[int]], reference: Sequence[Sequence[int]]) -> list[int | None]:
+    """Per row, the first step at which the token ids differ from the reference row (None: identical rows)."""
+    return [
+        None
+        if list(a) == list(b)
+        else next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        for a, b in zip(found, reference, strict=True)
+    ]

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_lib import first_differences  # noqa: E402
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.data import load_prompt_set  # noqa: E402
 from chunky_utils.fast_decode import fast_generate  # noqa: E402
@@ -37,13 +38,10 @@ SCALES = (0.0, 4.0)
 
 
 def _first_differences(found: list[list[int]], reference: list[list[int]]) -> dict[str, Any]:
-    same = [a == b for a, b in zip(found, reference, strict=True)]
-    firsts = sorted(
-        next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-        for a, b, equal in zip(found, reference, same, strict=True)
-        if not equal
-    )
-    return {"rows": len(same), "equal": sum(same), "share": sum(same) / len(same), "first_differences": firsts}
+    differences = first_differences(found, reference)
+    firsts = sorted(step for step in differences if step is not None)
+    equal = len(differences) - len(firsts)
+    return {"rows": len(differences), "equal": equal, "share": equal / len(differences), "first_differences": firsts}
 
 
 @torch.inference_mode()

@@ -31,7 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import transformers  # noqa: E402
 from transformers import LogitsProcessorList  # noqa: E402
 
-from benchmarks.bench_lib import Row, exact_length_settings, side_by_side, synchronize, time_it  # noqa: E402
+from benchmarks.bench_lib import (  # noqa: E402
+    Row,
+    exact_length_settings,
+    first_differences,
+    side_by_side,
+    synchronize,
+    time_it,
+)
 from chunky_utils import decode_runner, fast_decode, packed_extraction  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
@@ -202,24 +209,19 @@ def fast_rows(
 
 def agreement(fast: list[list[int]], eager: list[list[int]]) -> tuple[float, str]:
     """Share of rows with identical token ids, and where the others first differ."""
-    same = [a == b for a, b in zip(fast, eager, strict=True)]
-    firsts = sorted(
-        next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
-        for a, b, equal in zip(fast, eager, same, strict=True)
-        if not equal
-    )
-    detail = f"{sum(same)}/{len(same)} rows equal"
+    differences = first_differences(fast, eager)
+    firsts = sorted(step for step in differences if step is not None)
+    equal = len(differences) - len(firsts)
+    detail = f"{equal}/{len(differences)} rows equal"
     if firsts:
         detail += f"; the others first differ at steps {firsts}"
-    return sum(same) / len(same), detail
+    return equal / len(differences), detail
 
 
 def tokens_kept(found: list[list[int]], reference: list[list[int]]) -> float:
     """Mean number of leading tokens a row keeps of its reference row (a row equal throughout keeps all)."""
-    kept = [
-        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        for a, b in zip(found, reference, strict=True)
-    ]
+    steps = first_differences(found, reference)
+    kept = [len(row) if step is None else step for row, step in zip(found, steps, strict=True)]
     return sum(kept) / len(kept)
 
 
