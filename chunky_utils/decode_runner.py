@@ -12,6 +12,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,6 +183,28 @@ def runner_for(model: nn.Module) -> Runner:
     return runner
 
 
+def captured_ms(call: Callable[[], Any], repeats: int = 20) -> float:
+    """GPU milliseconds per call, `repeats` calls captured in one CUDA graph (no Python launch cost, as the
+    captured decode step runs them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            call()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / repeats
+
+
 def _decode_kernel_timings(parts: StepParts) -> dict[str, float]:
     """Milliseconds per call of each length-aware attention kernel that agrees with masked SDPA here
     (64 rows, 512 slots, random data and lengths); kernels that fail or disagree are left out."""
@@ -199,7 +222,7 @@ def _decode_kernel_timings(parts: StepParts) -> dict[str, float]:
     mask = (torch.arange(length, device=device)[None, :] < lengths[:, None])[:, None, None, :]
     reference, _ = cache_attention(nn.Module(), query, key, value, mask, scaling=parts.head_dim**-0.5)
     timings: dict[str, float] = {}
-    for kernel, cu_queries in (("flash", starts), ("efficient", starts * parts.groups)):
+    for kernel, cu_queries in (("flash", starts), ("efficient", starts * parts.groups), ("split", starts)):
 
         def call(kernel: str = kernel, cu_queries: torch.Tensor = cu_queries) -> torch.Tensor:
             reads = {"kv_lengths": lengths.to(torch.int32), "cu_queries": cu_queries, "cu_keys": starts * length}
@@ -209,21 +232,16 @@ def _decode_kernel_timings(parts: StepParts) -> dict[str, float]:
 
         try:
             error = float((call().float() - reference.float()).norm() / reference.float().norm())
-        except Exception as exc:  # an older torch without per-row key lengths for this kernel
+        except Exception as exc:  # an older torch without per-row key lengths, or no Triton for 'split'
             log.info("fast decode: %s attention unavailable (%s)", kernel, str(exc).splitlines()[0][:200])
             continue
         if error > 1e-2:
             log.warning("fast decode: %s attention disagrees with SDPA (relative error %.3g): not used", kernel, error)
             continue
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(3):
-            call()
-        begin.record()
-        for _ in range(20):
-            call()
-        end.record()
-        end.synchronize()
-        timings[kernel] = begin.elapsed_time(end) / 20
+        try:
+            timings[kernel] = captured_ms(call)
+        except Exception as exc:  # the decode step is captured, so a kernel must be capturable
+            log.info("fast decode: %s attention cannot be captured (%s)", kernel, str(exc).splitlines()[0][:200])
     log.info(
         "fast decode: length-aware attention kernels, ms per call at %d rows x %d slots: %s", rows, length, timings
     )

@@ -20,6 +20,7 @@ from chunky_utils.layers import output_hidden
 from chunky_utils.models import find_decoder_layers
 from chunky_utils.prefill import cache_argument_name
 from chunky_utils.sampling import _gumbel_from_bits, _mix32, _token_offsets, filter_logits
+from chunky_utils.split_attention import split_decode_attention
 
 
 class RowCache:
@@ -57,14 +58,19 @@ def cache_attention(
 
     With `kv_lengths` (int32, [rows]) a CUDA kernel reads only each row's first `kv_lengths[r]` slots, rows
     being its variable-length sequences (`cu_keys` = r * length): `kernel` 'flash' (grouped-query heads
-    native, `cu_queries` = r) or 'efficient' (the memory-efficient kernel; the query heads sharing a
-    key/value head act as its queries, `cu_queries` = r * groups). Otherwise SDPA with the boolean
+    native, `cu_queries` = r), 'efficient' (the memory-efficient kernel; the query heads sharing a
+    key/value head act as its queries, `cu_queries` = r * groups) or 'split' (chunky_utils.split_attention,
+    several programs per row's keys). Otherwise SDPA with the boolean
     `attention_mask` ([rows, 1, 1, length]), the grouped queries again standing in for query positions.
     """
     rows, heads, _, dim = query.shape
     length, kv_heads = key.shape[1], key.shape[2]
     groups = heads // kv_heads
     grouped = query.reshape(rows, kv_heads, groups, dim)
+    if kv_lengths is not None and kernel == "split":
+        scale = scaling if scaling is not None else dim**-0.5
+        output = split_decode_attention(query.reshape(rows, heads, dim), key, value, kv_lengths, scale)
+        return output.view(rows, 1, heads, dim), None
     if kv_lengths is not None and kernel == "flash":
         output = torch.ops.aten._flash_attention_forward(
             query.reshape(rows, heads, dim),

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from chunky_utils.models import LoadedModel, build_tiny_model
+# Triton kernels (chunky_utils.split_attention) run on CPU tensors through Triton's interpreter; it must be
+# chosen before triton is first imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from chunky_utils.models import LoadedModel, build_tiny_model  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REALDATA = REPO_ROOT.parent / "shared" / "realdata"

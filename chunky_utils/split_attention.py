@@ -1,0 +1,211 @@
+"""Split-key decoding attention (flash-decoding) for the fast path's [rows, length, kv heads, dim] cache.
+
+One query token per row. Each program takes one (row, kv head, split of the row's filled slots): it reads
+that stretch of keys and values once for all query heads sharing the kv head, and writes a partial
+output with its log-sum-exp; a second kernel merges a row's splits. Many programs per row keep every SM
+streaming the cache, where one program per (row, kv head) walks all keys alone. Written in Triton and
+loaded only when called: a GPU with Triton runs it compiled, and with `TRITON_INTERPRET=1` it runs on
+CPU tensors (how the tests check it). The fast path uses it only where it agrees with SDPA and is the
+fastest length-aware kernel (`chunky_utils.decode_runner`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import torch
+
+BLOCK_KEYS = 64
+MIN_KEYS_PER_SPLIT = 128
+PROGRAMS_PER_SM = 2  # measured on an H200: 1-2 splits per (row, kv head) beat more (merge cost)
+
+
+def split_count(rows: int, kv_heads: int, length: int, processors: int) -> int:
+    """Splits per (row, kv head): enough programs to fill the GPU, each at least MIN_KEYS_PER_SPLIT slots."""
+    wanted = -(-PROGRAMS_PER_SM * processors // max(1, rows * kv_heads))
+    most = max(1, length // MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, most))
+
+
+@functools.cache
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return 4
+
+
+@functools.cache
+def _kernels(interpret: bool) -> tuple[Any, Any]:
+    """The two Triton kernels (defined on first use; `interpret` keys the cache on TRITON_INTERPRET)."""
+    del interpret
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def partial_kernel(
+        query,
+        keys,
+        values,
+        lengths,
+        partial_out,
+        partial_lse,
+        scale,
+        keys_per_split,
+        q_row,
+        q_head,
+        k_row,
+        k_slot,
+        k_head,
+        v_row,
+        v_slot,
+        v_head,
+        groups: tl.constexpr,
+        splits: tl.constexpr,
+        dim: tl.constexpr,
+        block_groups: tl.constexpr,
+        block_dim: tl.constexpr,
+        block_keys: tl.constexpr,
+        precision: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        filled = tl.load(lengths + row)
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, filled)
+        group = tl.arange(0, block_groups)
+        feature = tl.arange(0, block_dim)
+        head = kv_head * groups + group
+        group_ok = group < groups
+        feature_ok = feature < dim
+        q = tl.load(
+            query + row * q_row + head[:, None] * q_head + feature[None, :],
+            mask=group_ok[:, None] & feature_ok[None, :],
+            other=0.0,
+        )
+        best = tl.full([block_groups], float("-inf"), tl.float32)
+        total = tl.zeros([block_groups], tl.float32)
+        acc = tl.zeros([block_groups, block_dim], tl.float32)
+        for first in range(start, end, block_keys):
+            slot = first + tl.arange(0, block_keys)
+            slot_ok = slot < end
+            k = tl.load(
+                keys + row * k_row + slot[:, None] * k_slot + kv_head * k_head + feature[None, :],
+                mask=slot_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            scores = tl.dot(q, tl.trans(k), input_precision=precision).to(tl.float32) * scale
+            scores = tl.where(slot_ok[None, :], scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            correction = tl.exp(best - new_best)
+            weights = tl.exp(scores - new_best[:, None])
+            v = tl.load(
+                values + row * v_row + slot[:, None] * v_slot + kv_head * v_head + feature[None, :],
+                mask=slot_ok[:, None] & feature_ok[None, :],
+                other=0.0,
+            )
+            acc = acc * correction[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=precision).to(tl.float32)
+            total = total * correction + tl.sum(weights, axis=1)
+            best = new_best
+        has_keys = total > 0
+        out = acc / tl.where(has_keys, total, 1.0)[:, None]
+        lse = tl.where(has_keys, best + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+        at = (row * groups * tl.num_programs(1) + head) * splits + split
+        tl.store(partial_lse + at, lse, mask=group_ok)
+        tl.store(partial_out + at[:, None] * dim + feature[None, :], out, mask=group_ok[:, None] & feature_ok[None, :])
+
+    @triton.jit
+    def merge_kernel(
+        partial_out,
+        partial_lse,
+        output,
+        splits: tl.constexpr,
+        dim: tl.constexpr,
+        block_splits: tl.constexpr,
+        block_dim: tl.constexpr,
+    ):
+        row_head = tl.program_id(0)
+        split = tl.arange(0, block_splits)
+        feature = tl.arange(0, block_dim)
+        split_ok = split < splits
+        feature_ok = feature < dim
+        lse = tl.load(partial_lse + row_head * splits + split, mask=split_ok, other=float("-inf"))
+        best = tl.max(lse, axis=0)
+        weights = tl.where(split_ok & (lse > float("-inf")), tl.exp(lse - best), 0.0)
+        parts = tl.load(
+            partial_out + (row_head * splits + split)[:, None] * dim + feature[None, :],
+            mask=split_ok[:, None] & feature_ok[None, :],
+            other=0.0,
+        )
+        merged = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+        tl.store(output + row_head * dim + feature, merged.to(output.dtype.element_ty), mask=feature_ok)
+
+    return partial_kernel, merge_kernel
+
+
+@torch.compiler.disable  # a compiled step calls it as it is (the CUDA graph captures its launches)
+def split_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
+    warps: int = 4,
+) -> torch.Tensor:
+    """Attention of query [rows, heads, dim] over each row's first `lengths[r]` slots of keys/values
+    [rows, length, kv heads, dim]; returns [rows, heads, dim] in the query's dtype."""
+    import triton
+
+    rows, heads, dim = query.shape
+    length, kv_heads = keys.shape[1], keys.shape[2]
+    groups = heads // kv_heads
+    if splits is None:
+        splits = split_count(rows, kv_heads, length, _processors(query.device))
+    keys_per_split = -(-length // splits)
+    keys_per_split = -(-keys_per_split // BLOCK_KEYS) * BLOCK_KEYS
+    if query.stride(2) != 1 or keys.stride(3) != 1 or values.stride(3) != 1:
+        raise ValueError("split_decode_attention needs the last dimension contiguous")
+    partial_kernel, merge_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    partial_out = torch.empty(rows, heads, splits, dim, dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=query.device)
+    output = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
+    block_dim = triton.next_power_of_2(dim)
+    partial_kernel[(rows, kv_heads, splits)](
+        query,
+        keys,
+        values,
+        lengths,
+        partial_out,
+        partial_lse,
+        float(scale),
+        keys_per_split,
+        query.stride(0),
+        query.stride(1),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        values.stride(0),
+        values.stride(1),
+        values.stride(2),
+        groups=groups,
+        splits=splits,
+        dim=dim,
+        block_groups=max(16, triton.next_power_of_2(groups)),
+        block_dim=block_dim,
+        block_keys=BLOCK_KEYS,
+        precision="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+    )
+    merge_kernel[(rows * heads,)](
+        partial_out,
+        partial_lse,
+        output,
+        splits=splits,
+        dim=dim,
+        block_splits=triton.next_power_of_2(splits),
+        block_dim=block_dim,
+    )
+    return output
