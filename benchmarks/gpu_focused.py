@@ -7,7 +7,10 @@
   shared-stream processor), 50 prompts x 2 rows x 100 tokens; `--dtype float32` runs both on an fp32
   model with TF32 off, which separates the path's own differences from bf16 rounding.
 
-`python benchmarks/gpu_focused.py times|agreement [--dtype float32] [--out DIR]`; `run_gpu.py` has the
+- `watch`: the playground's watched run (`instrument.RunWatch`) on the GPU decode loop: the loop is taken,
+  every step reaches the progress callback, and a stop set after step 10 ends the loop there.
+
+`python benchmarks/gpu_focused.py times|agreement|watch [--dtype float32] [--out DIR]`; `run_gpu.py` has the
 full table.
 """
 
@@ -73,9 +76,46 @@ def greedy_agreement(loaded: Any, prompts: list[str], vector: torch.Tensor) -> d
     return {"fast_vs_generate": [share, detail], "fast_run": asdict(fast_decode.last_run_info())}
 
 
+def watched_runs(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, Any]:
+    """A watched run to the end and one stopped after 10 steps, as the playground runs them (4 prompts x 2 rows)."""
+    from chunky_utils.errors import StopRequested
+    from chunky_utils.generation import GenerationSettings, generate_with_scales
+    from chunky_utils.instrument.watch import RunWatch
+
+    settings = GenerationSettings(max_new_tokens=50, min_new_tokens=50, temperature=0.7)
+    chosen = prompts[:4]
+    expected = {"generating": 8, "max_new_tokens": 50}
+
+    def run(watch: RunWatch) -> float:
+        started = time.perf_counter()
+        with watch.attached():
+            watch.phase("generating")
+            generate_with_scales(loaded, chosen, 16, vector, [0.0, 2.0], settings, progress=False)
+        return time.perf_counter() - started
+
+    whole = RunWatch(loaded, expected=expected, every_s=0.0)
+    seconds = run(whole)
+    mode = fast_decode.last_run_info().mode
+    stopped = RunWatch(loaded, expected=expected, every_s=0.0)
+    stopped.on_progress = lambda _progress: stopped.stop.set() if stopped.decode_steps >= 10 else None
+    try:
+        run(stopped)
+        raised = False
+    except StopRequested:
+        raised = True
+    checks = {
+        "fast_path_taken": mode.startswith("graph"),
+        "all_50_steps_reported": whole.decode_steps == 50 and whole.rows_decoded == 8,
+        "stop_raised": raised,
+        "stopped_after_step_10": stopped.decode_steps == 10,
+    }
+    print(f"watched run: {seconds:.2f} s ({mode}); checks {checks}", flush=True)
+    return {"mode": mode, "seconds": seconds, "decode_steps": whole.decode_steps, "checks": checks}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["times", "agreement"])
+    parser.add_argument("mode", choices=["times", "agreement", "watch"])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -88,7 +128,7 @@ def main() -> None:
     prompts = make_prompts(50, 50, 400, seed=1)
     torch.manual_seed(0)
     vector = torch.randn(loaded.hidden_size) * 2.0
-    measure = timings if args.mode == "times" else greedy_agreement
+    measure = {"times": timings, "agreement": greedy_agreement, "watch": watched_runs}[args.mode]
     result = {"mode": args.mode, "dtype": args.dtype, **measure(loaded, prompts, vector)}
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({key: value for key, value in result.items() if key not in ("runs", "fast_run")}, indent=1))

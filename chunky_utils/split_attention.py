@@ -2,7 +2,8 @@
 
 One query token per row. Each program takes one (row, kv head, split of the row's filled slots): it reads
 that stretch of keys and values once for all query heads sharing the kv head, and writes a partial
-output with its log-sum-exp; a second kernel merges a row's splits. Many programs per row keep every SM
+output with its log-sum-exp; a second kernel merges a row's splits (with one split the first kernel
+writes the answer itself). Many programs per row keep every SM
 streaming the cache, where one program per (row, kv head) walks all keys alone. Written in Triton and
 loaded only when called: a GPU with Triton runs it compiled, and with `TRITON_INTERPRET=1` it runs on
 CPU tensors (how the tests check it). The fast path uses it only where it agrees with SDPA and is the
@@ -44,13 +45,14 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     import triton.language as tl
 
     @triton.jit
-    def partial_kernel(
+    def split_attention_partial(
         query,
         keys,
         values,
         lengths,
         partial_out,
         partial_lse,
+        output,
         scale,
         keys_per_split,
         q_row,
@@ -68,6 +70,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         block_dim: tl.constexpr,
         block_keys: tl.constexpr,
         precision: tl.constexpr,
+        single: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -112,12 +115,17 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         has_keys = total > 0
         out = acc / tl.where(has_keys, total, 1.0)[:, None]
         lse = tl.where(has_keys, best + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
-        at = (row * groups * tl.num_programs(1) + head) * splits + split
-        tl.store(partial_lse + at, lse, mask=group_ok)
-        tl.store(partial_out + at[:, None] * dim + feature[None, :], out, mask=group_ok[:, None] & feature_ok[None, :])
+        written = group_ok[:, None] & feature_ok[None, :]
+        if single:  # one split: this is the answer, no merge
+            at = row * groups * tl.num_programs(1) + head
+            tl.store(output + at[:, None] * dim + feature[None, :], out.to(output.dtype.element_ty), mask=written)
+        else:
+            at = (row * groups * tl.num_programs(1) + head) * splits + split
+            tl.store(partial_lse + at, lse, mask=group_ok)
+            tl.store(partial_out + at[:, None] * dim + feature[None, :], out, mask=written)
 
     @triton.jit
-    def merge_kernel(
+    def split_attention_merge(
         partial_out,
         partial_lse,
         output,
@@ -142,7 +150,7 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
         merged = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
         tl.store(output + row_head * dim + feature, merged.to(output.dtype.element_ty), mask=feature_ok)
 
-    return partial_kernel, merge_kernel
+    return split_attention_partial, split_attention_merge
 
 
 @torch.compiler.disable  # a compiled step calls it as it is (the CUDA graph captures its launches)
@@ -169,9 +177,12 @@ def split_decode_attention(
     if query.stride(2) != 1 or keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("split_decode_attention needs the last dimension contiguous")
     partial_kernel, merge_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
-    partial_out = torch.empty(rows, heads, splits, dim, dtype=torch.float32, device=query.device)
-    partial_lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=query.device)
     output = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
+    if splits == 1:
+        partial_out, partial_lse = output, output  # not written
+    else:
+        partial_out = torch.empty(rows, heads, splits, dim, dtype=torch.float32, device=query.device)
+        partial_lse = torch.empty(rows, heads, splits, dtype=torch.float32, device=query.device)
     block_dim = triton.next_power_of_2(dim)
     partial_kernel[(rows, kv_heads, splits)](
         query,
@@ -180,6 +191,7 @@ def split_decode_attention(
         lengths,
         partial_out,
         partial_lse,
+        output,
         float(scale),
         keys_per_split,
         query.stride(0),
@@ -198,7 +210,10 @@ def split_decode_attention(
         block_keys=BLOCK_KEYS,
         precision="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
+        single=splits == 1,
     )
+    if splits == 1:
+        return output
     merge_kernel[(rows * heads,)](
         partial_out,
         partial_lse,
