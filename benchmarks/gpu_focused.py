@@ -8,7 +8,8 @@
   model with TF32 off, which separates the path's own differences from bf16 rounding.
 
 - `watch`: the playground's watched run (`instrument.RunWatch`) on the GPU decode loop: the loop is taken,
-  every step reaches the progress callback, and a stop set after step 10 ends the loop there.
+  every step reaches the progress callback, and a stop set after step 10 ends the loop there; and a zero
+  vector at temperature 0.7 gives baseline texts identical to the steered ones.
 
 `python benchmarks/gpu_focused.py times|agreement|watch [--dtype float32] [--out DIR]`; `run_gpu.py` has the
 full table.
@@ -103,7 +104,9 @@ def watched_runs(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[
         raised = False
     except StopRequested:
         raised = True
+    zero = generate_with_scales(loaded, chosen, 16, torch.zeros_like(vector), [0.0, 2.0], settings, progress=False)
     checks = {
+        "zero_vector_texts_identical_at_t0.7": zero.texts[0] == zero.texts[1],
         "fast_path_taken": mode.startswith("graph"),
         "all_50_steps_reported": whole.decode_steps == 50 and whole.rows_decoded == 8,
         "stop_raised": raised,
