@@ -7,8 +7,9 @@ On a CUDA GPU:
 - the KV cache is a fixed block per layer, [rows, cache length, kv heads, head dim]; row r's prompt fills
   slots from 0 and the token at step s goes to slot len(prompt) - 1 + s, its position id;
 - attention reads the cache in place, the query heads of a key/value head acting as that head's queries,
-  and reads only each row's filled slots (memory-efficient kernel with per-row key lengths; masked SDPA
-  where that kernel is missing or disagrees);
+  and reads only each row's filled slots: the fastest, timed inside a CUDA graph, of the kernels with
+  per-row key lengths that agree with masked SDPA here (split-key Triton kernel, memory-efficient, flash);
+  masked SDPA where none works;
 - every layer adds its row of steering deltas (zeros where a row is unsteered) from a buffer;
 - the next token comes from the shared random stream (chunky_utils.sampling: dense Gumbel noise from a
   table of per-step row states), and the step's counters move on inside the step;
