@@ -3,17 +3,16 @@
 One query token per row. Each program takes one (row, kv head, split of the row's filled slots): it reads
 that stretch of keys and values once for all query heads sharing the kv head, and writes a partial
 output with its log-sum-exp; a second kernel merges a row's splits (with one split the first kernel
-writes the answer itself). Many programs per row keep every SM
-streaming the cache, where one program per (row, kv head) walks all keys alone. Written in Triton and
-loaded only when called: a GPU with Triton runs it compiled, and with `TRITON_INTERPRET=1` it runs on
-CPU tensors (how the tests check it). The fast path uses it only where it agrees with SDPA and is the
+writes the answer itself). Several programs per row keep every SM streaming the cache where one program
+per (row, kv head) would walk all its keys alone. Written in Triton and loaded only when called: a GPU
+with Triton runs it compiled, and with `TRITON_INTERPRET=1` set before triton is imported it runs on CPU
+tensors (how the tests check it). The fast path uses it only where it agrees with SDPA and is the
 fastest length-aware kernel (`chunky_utils.decode_runner`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
@@ -38,9 +37,8 @@ def _processors(device: torch.device) -> int:
 
 
 @functools.cache
-def _kernels(interpret: bool) -> tuple[Any, Any]:
-    """The two Triton kernels (defined on first use; `interpret` keys the cache on TRITON_INTERPRET)."""
-    del interpret
+def _kernels() -> tuple[Any, Any]:
+    """The two Triton kernels, defined on first use (so importing this module needs no Triton)."""
     import triton
     import triton.language as tl
 
@@ -176,7 +174,7 @@ def split_decode_attention(
     keys_per_split = -(-keys_per_split // BLOCK_KEYS) * BLOCK_KEYS
     if query.stride(2) != 1 or keys.stride(3) != 1 or values.stride(3) != 1:
         raise ValueError("split_decode_attention needs the last dimension contiguous")
-    partial_kernel, merge_kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")
+    partial_kernel, merge_kernel = _kernels()
     output = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     if splits == 1:
         partial_out, partial_lse = output, output  # not written
