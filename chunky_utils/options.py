@@ -8,6 +8,7 @@ Torch-free, so both command lines start fast and a GPU image without notebook pa
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from dataclasses import MISSING, Field, field, fields
 from typing import Any
@@ -135,15 +136,23 @@ def parameters_cell(config_class: type, names: list[str], values: dict[str, Any]
         value = values.get(declaration.name, declaration.default)
         # papermill reads `Optional[str]`, not `str | None`: the cell imports Optional
         kind = "Optional[str]" if str(declaration.type) == "str | None" else str(declaration.type)
-        lines.append(f"{declaration.name}: {kind} = {value!r}  # {declaration.metadata['help']}")
+        lines.append(f"{declaration.name}: {kind} = {_literal(value)}  # {declaration.metadata['help']}")
     return lines
+
+
+def _literal(value: Any) -> str:
+    """Python source for a parameter value, strings double-quoted as `ruff format` writes them."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(_literal(item) for item in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 def sync_parameters_cell(path: str, config_class: type, check: bool = False) -> bool:
     """Rewrite the declared options' lines of a notebook's `parameters` cell from the declarations, keeping each
     line's value and every other line. Returns whether the cell already matched; with `check`, writes nothing."""
-    import json
-
     with open(path, encoding="utf-8") as handle:
         notebook = json.load(handle)
     names = {f.name for f in declared(config_class)}

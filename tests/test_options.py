@@ -63,6 +63,7 @@ def test_help_may_not_hide_a_parameter_from_papermill() -> None:
 def test_parameters_cells_are_generated_from_the_declarations(tmp_path: Path) -> None:
     line = parameters_cell(RunConfig, ["top_p"], {"top_p": 0.9})[0]
     assert line.startswith("top_p: float = 0.9  # ") and line.count("=") == 1
+    assert parameters_cell(RunConfig, ["device"], {"device": "cuda"})[0].startswith('device: str = "cuda"  # ')
     for path in sorted((REPO_ROOT / "notebooks").glob("*.ipynb")):
         assert sync_parameters_cell(str(path), RunConfig, check=True), f"{path.name}: run sync_notebook_parameters.py"
     notebook = REPO_ROOT / "notebooks" / "04_sweep_point.ipynb"
@@ -74,12 +75,13 @@ def test_parameters_cells_are_generated_from_the_declarations(tmp_path: Path) ->
     assert sync_parameters_cell(str(stale), RunConfig, check=True)
 
 
-def test_notebooks_are_linted_like_the_package() -> None:
+def test_notebooks_are_linted_and_formatted_like_the_package() -> None:
     import subprocess
     import sys
 
     ruff = Path(sys.executable).parent / "ruff"
     if not ruff.exists():
         pytest.skip("ruff is not installed beside this Python")
-    result = subprocess.run([str(ruff), "check", str(REPO_ROOT / "notebooks")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-2000:]
+    for command in (["check"], ["format", "--check"]):
+        result = subprocess.run([str(ruff), *command, str(REPO_ROOT / "notebooks")], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout[-2000:]
