@@ -53,14 +53,7 @@ def _kernels() -> tuple[Any, Any]:
         output,
         scale,
         keys_per_split,
-        q_row,
-        q_head,
-        k_row,
-        k_slot,
-        k_head,
-        v_row,
-        v_slot,
-        v_head,
+        length,
         groups: tl.constexpr,
         splits: tl.constexpr,
         dim: tl.constexpr,
@@ -73,6 +66,9 @@ def _kernels() -> tuple[Any, Any]:
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
+        kv_heads = tl.num_programs(1)
+        slot_stride = kv_heads * dim  # contiguous [rows, length, kv heads, dim] keys and values
+        row_stride = length * slot_stride
         filled = tl.load(lengths + row)
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, filled)
@@ -82,7 +78,7 @@ def _kernels() -> tuple[Any, Any]:
         group_ok = group < groups
         feature_ok = feature < dim
         q = tl.load(
-            query + row * q_row + head[:, None] * q_head + feature[None, :],
+            query + (row * groups * kv_heads + head[:, None]) * dim + feature[None, :],
             mask=group_ok[:, None] & feature_ok[None, :],
             other=0.0,
         )
@@ -93,7 +89,7 @@ def _kernels() -> tuple[Any, Any]:
             slot = first + tl.arange(0, block_keys)
             slot_ok = slot < end
             k = tl.load(
-                keys + row * k_row + slot[:, None] * k_slot + kv_head * k_head + feature[None, :],
+                keys + row * row_stride + slot[:, None] * slot_stride + kv_head * dim + feature[None, :],
                 mask=slot_ok[:, None] & feature_ok[None, :],
                 other=0.0,
             )
@@ -103,7 +99,7 @@ def _kernels() -> tuple[Any, Any]:
             correction = tl.exp(best - new_best)
             weights = tl.exp(scores - new_best[:, None])
             v = tl.load(
-                values + row * v_row + slot[:, None] * v_slot + kv_head * v_head + feature[None, :],
+                values + row * row_stride + slot[:, None] * slot_stride + kv_head * dim + feature[None, :],
                 mask=slot_ok[:, None] & feature_ok[None, :],
                 other=0.0,
             )
@@ -115,10 +111,10 @@ def _kernels() -> tuple[Any, Any]:
         lse = tl.where(has_keys, best + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
         written = group_ok[:, None] & feature_ok[None, :]
         if single:  # one split: this is the answer, no merge
-            at = row * groups * tl.num_programs(1) + head
+            at = row * groups * kv_heads + head
             tl.store(output + at[:, None] * dim + feature[None, :], out.to(output.dtype.element_ty), mask=written)
         else:
-            at = (row * groups * tl.num_programs(1) + head) * splits + split
+            at = (row * groups * kv_heads + head) * splits + split
             tl.store(partial_lse + at, lse, mask=group_ok)
             tl.store(partial_out + at[:, None] * dim + feature[None, :], out, mask=written)
 
@@ -172,8 +168,9 @@ def split_decode_attention(
         splits = split_count(rows, kv_heads, length, _processors(query.device))
     keys_per_split = -(-length // splits)
     keys_per_split = -(-keys_per_split // BLOCK_KEYS) * BLOCK_KEYS
-    if query.stride(2) != 1 or keys.stride(3) != 1 or values.stride(3) != 1:
-        raise ValueError("split_decode_attention needs the last dimension contiguous")
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("split_decode_attention needs contiguous keys and values")
+    query = query.contiguous()
     partial_kernel, merge_kernel = _kernels()
     output = torch.empty(rows, heads, dim, dtype=query.dtype, device=query.device)
     if splits == 1:
@@ -192,14 +189,7 @@ def split_decode_attention(
         output,
         float(scale),
         keys_per_split,
-        query.stride(0),
-        query.stride(1),
-        keys.stride(0),
-        keys.stride(1),
-        keys.stride(2),
-        values.stride(0),
-        values.stride(1),
-        values.stride(2),
+        length,
         groups=groups,
         splits=splits,
         dim=dim,
