@@ -44,7 +44,7 @@ from chunky_utils.activations import extract_last_token_activations  # noqa: E40
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
-from chunky_utils.decode_step import cache_attention  # noqa: E402
+from chunky_utils.decode_prefill import routed_attention_function  # noqa: E402
 from chunky_utils.generation import (  # noqa: E402
     GenerationSettings,
     generate_with_scales,
@@ -249,7 +249,7 @@ def profile_fast_step(loaded: LoadedModel, rows: int, length: int, steps: int = 
     runner = decode_runner.runner_for(loaded.model)
     state = runner.state(fast_decode.bucket_rows(rows), length)
     kind = (True, 0, 1.0)
-    with routed_attention(loaded.model, fast_decode.FAST_ATTENTION, cache_attention):
+    with routed_attention(loaded.model, fast_decode.FAST_ATTENTION, routed_attention_function):
         state.buffers["positions"].fill_(300)
         runner.run_step(state, kind)
         synchronize()

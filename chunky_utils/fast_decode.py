@@ -25,12 +25,12 @@ token ids of transformers' `generate` with the same steering hooks and logits pr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -38,9 +38,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from chunky_utils.chat import pad_token_id
-from chunky_utils.decode_prefill import prefill_attention, prefill_rows
+from chunky_utils.decode_prefill import prefill_rows, routed_attention_function
 from chunky_utils.decode_runner import RunInfo, release, runner_for
-from chunky_utils.decode_step import DecodeState, cache_attention
+from chunky_utils.decode_step import DecodeState
 from chunky_utils.layers import user_hooks
 from chunky_utils.models import LoadedModel, find_decoder_layers
 from chunky_utils.options import STEER_POSITIONS
@@ -62,7 +62,6 @@ __all__ = [
 ]
 
 FAST_ATTENTION = "chunky_fast_decode"
-FAST_PREFILL = "chunky_fast_prefill"
 ROW_BUCKETS: tuple[int, ...] = (
     1,
     2,
@@ -262,41 +261,34 @@ def fast_generate(
     layer_deltas = {layer: deltas.detach().float().cpu() for layer, deltas in layer_deltas.items()}
     kind = (sampling.greedy, 0 if sampling.greedy else sampling.top_k, 1.0 if sampling.greedy else sampling.top_p)
     eos = _eos_list(eos_token_ids)
-    with runner.lock:
+    with runner.lock, routed_attention(model, FAST_ATTENTION, routed_attention_function):
         state = runner.state(bucket_rows(n_rows), bucket_length(info.width + max_new_tokens))
         info.bucket_rows, info.bucket_length = state.rows, state.length
-        with routed_attention(model, FAST_ATTENTION, cache_attention):
-            graph = runner.ensure_graph(state, kind, info)  # before the prefill: its warm-up writes the cache
-        started = time.perf_counter()
-        with routed_attention(model, FAST_PREFILL, prefill_attention):
-            prefill_rows(model, state, prompt_token_ids, row_prompts, layer_deltas, positions, max_batch_tokens)
-        _synchronize(parts.device)
-        setup_started = time.perf_counter()
-        info.prefill_s = setup_started - started
+        graph = runner.ensure_graph(state, kind, info)  # before the buffers are loaded: its warm-up writes them
+        clock = _Clock(parts.device)
         last_tokens = [int(prompt_token_ids[p][-1]) for p in row_prompts]
         pad_id = pad_token_id(loaded.tokenizer)
         _load(state, prompt_lengths, last_tokens, layer_deltas, row_keys, sampling, min_new_tokens, eos, pad_id)
-        _synchronize(parts.device)
-        decode_started = time.perf_counter()
-        info.setup_s = decode_started - setup_started
+        clock.mark()
+        prefill_rows(model, state, prompt_token_ids, row_prompts, layer_deltas, positions, max_batch_tokens)
+        clock.mark()
         info.mode = runner.mode() if graph is not None else "eager"
         steps = 0
-        stepping = nullcontext() if graph is not None else routed_attention(model, FAST_ATTENTION, cache_attention)
-        with stepping:
-            for _ in tqdm(range(max_new_tokens), desc="decode", unit="step", disable=not progress, leave=False):
-                if stop_event is not None and stop_event.is_set():
-                    break
-                if graph is not None:
-                    graph.replay()
-                else:
-                    runner.run_step(state, kind)
-                steps += 1
-                if on_step is not None:
-                    on_step(steps, n_rows)
-                if steps % FINISHED_CHECK_EVERY == 0 and bool(state.buffers["finished"].all()):
-                    break
+        for _ in tqdm(range(max_new_tokens), desc="decode", unit="step", disable=not progress, leave=False):
+            if stop_event is not None and stop_event.is_set():
+                break
+            if graph is not None:
+                graph.replay()
+            else:
+                runner.run_step(state, kind)
+            steps += 1
+            if on_step is not None:
+                on_step(steps, n_rows)
+            if steps % FINISHED_CHECK_EVERY == 0 and bool(state.buffers["finished"].all()):
+                break
+        clock.mark()
         generated = state.buffers["out_tokens"][:n_rows, :steps].tolist()
-        info.decode_s = time.perf_counter() - decode_started
+        info.setup_s, info.prefill_s, info.decode_s = clock.seconds()
     info.steps = steps
     _LAST = info
     log.info(
@@ -321,6 +313,25 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+class _Clock:
+    """Marks on the GPU's stream (CUDA events, so the host never waits for them) or the host clock on a CPU;
+    `seconds` gives the spans between marks, the first from the clock's creation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+        self.mark()
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [begin.elapsed_time(end) / 1000 for begin, end in itertools.pairwise(self.marks)]
+        return [end - begin for begin, end in itertools.pairwise(self.marks)]

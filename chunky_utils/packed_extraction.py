@@ -268,16 +268,24 @@ def extract_packed(
     body = model.model
     decoder_layers = find_decoder_layers(model)
     device = body.embed_tokens.weight.device
-    result: torch.Tensor | None = None
     flash_works(device, body.embed_tokens.weight.dtype)
+    chunks = pack_chunks([len(ids) for ids in token_ids], max_batch_tokens)
+    # every chunk's ids and positions reach the device in one copy: a copy from pageable memory waits for the
+    # GPU, so copying chunk by chunk would leave it idle while the host prepares the next chunk
+    lengths = [torch.tensor([len(token_ids[i]) for i in chunk]) for chunk in chunks]
+    host: list[torch.Tensor] = []
+    for chunk, sizes in zip(chunks, lengths, strict=True):
+        host.append(torch.tensor([token for i in chunk for token in token_ids[i]]))
+        host.append(torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes))
+        host.append(torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
+    sent = torch.cat(host).to(device).split([tensor.numel() for tensor in host])
+    read_chunks: list[torch.Tensor] = []
     with routed_attention(model, VARLEN_ATTENTION, varlen_attention):
-        for chunk in pack_chunks([len(ids) for ids in token_ids], max_batch_tokens):
-            lengths = [len(token_ids[i]) for i in chunk]
-            ids = torch.tensor([token for i in chunk for token in token_ids[i]], device=device)[None]
-            positions = torch.cat([torch.arange(length) for length in lengths]).to(device)[None]
-            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-            last = (cu[1:] - 1).long()
-            longest = max(lengths)
+        for index, sizes in enumerate(lengths):
+            ids, positions, bounds = sent[3 * index : 3 * index + 3]
+            ids, positions, cu = ids[None], positions[None], bounds.to(torch.int32)
+            last = bounds[1:] - 1
+            longest = int(sizes.max())
             hidden = body.embed_tokens(ids)
             cos, sin = body.rotary_emb(hidden, positions)
             packing = {
@@ -287,17 +295,18 @@ def extract_packed(
                 "max_length_k": longest,
             }
             read: dict[int, torch.Tensor] = {}
-            for index in range(deepest + 1):
-                layer = decoder_layers[index]
-                if index == deepest:
-                    read[index] = _last_tokens_only(layer, hidden, cos, sin, cu, last, longest).float()
+            for layer_index in range(deepest + 1):
+                layer = decoder_layers[layer_index]
+                if layer_index == deepest:
+                    read[layer_index] = _last_tokens_only(layer, hidden, cos, sin, cu, last, longest).float()
                     break
                 hidden = run_packed_layer(layer, hidden, positions, cos, sin, packing)
-                if index in wanted:
-                    read[index] = hidden[0, last].float()
-            stacked = torch.stack([read[index] for index in wanted], dim=1).cpu()
-            if result is None:
-                result = torch.empty(len(token_ids), len(wanted), stacked.shape[-1], dtype=torch.float32)
-            result[torch.tensor(chunk)] = stacked
-    assert result is not None
+                if layer_index in wanted:
+                    read[layer_index] = hidden[0, last].float()
+            stacked = torch.stack([read[layer_index] for layer_index in wanted], dim=1)
+            read_chunks.append(stacked.to("cpu", non_blocking=device.type == "cuda"))  # pinned: no wait here
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    result = torch.empty(len(token_ids), len(wanted), read_chunks[0].shape[-1], dtype=torch.float32)
+    result[torch.tensor([i for chunk in chunks for i in chunk])] = torch.cat(read_chunks)
     return result
