@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_lib import write_result  # noqa: E402
 from chunky_utils.data import load_prompt_set  # noqa: E402
 from chunky_utils.generation import GenerationSettings, generate_with_scales  # noqa: E402
 from chunky_utils.models import LoadedModel  # noqa: E402
@@ -101,9 +102,7 @@ def main() -> None:
         found = baselines_by_composition(loaded, prompts, layer, vector, settings)
         results[f"temperature_{temperature:g}"] = agreement(found)
         print(f"temperature {temperature:g}: {json.dumps(results[f'temperature_{temperature:g}'])}", flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "batch_invariance.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, "batch_invariance.json", results)
 
 
 if __name__ == "__main__":

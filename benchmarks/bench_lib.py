@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +16,14 @@ from chunky_utils.activations import extract_last_token_activations, length_sort
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts
 from chunky_utils.generation import GenerationSettings, generate_with_scales
 from chunky_utils.models import LoadedModel
+
+
+def write_result(out: Path | None, name: str, result: dict[str, Any]) -> None:
+    """`result` as indented JSON to `out/name` (nothing without `out`)."""
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
 
 
 def synchronize() -> None:

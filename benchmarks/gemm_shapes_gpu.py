@@ -10,7 +10,6 @@ product more thread blocks. Timed as 50 products captured in one CUDA graph.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch.nn.functional as functional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_lib import write_result  # noqa: E402
 from chunky_utils.decode_runner import captured_ms  # noqa: E402
 
 SHAPES = {
@@ -62,9 +62,7 @@ def main() -> None:
             report["rows"][rows][name] = entry
             line = "  ".join(f"{v} {e['ms']:.3f} ms {e['tb_per_s']:.2f} TB/s" for v, e in entry.items())
             print(f"{rows:4d} rows {name:8s} {line}", flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gemm_shapes.json").write_text(json.dumps(report, indent=1))
+    write_result(args.out, "gemm_shapes.json", report)
 
 
 if __name__ == "__main__":

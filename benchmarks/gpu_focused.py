@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_lib import side_by_side  # noqa: E402
+from benchmarks.bench_lib import side_by_side, write_result  # noqa: E402
 from benchmarks.run_gpu import (  # noqa: E402
     GREEDY,
     agreement,
@@ -135,10 +135,7 @@ def main() -> None:
     result = {"mode": args.mode, "dtype": args.dtype, **measure(loaded, prompts, vector)}
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({key: value for key, value in result.items() if key not in ("runs", "fast_run")}, indent=1))
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"gpu_focused_{args.mode}_{args.dtype}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_result(args.out, f"gpu_focused_{args.mode}_{args.dtype}.json", result)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ by GPU time and how much of the wall time the GPU was busy. `python benchmarks/p
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_lib import write_result  # noqa: E402
 from benchmarks.run_gpu import build_random_llama8b, fast_rows, make_prompts, profile_fast_step  # noqa: E402
 from chunky_utils import decode_runner, fast_decode  # noqa: E402
 from chunky_utils.activations import extract_last_token_activations  # noqa: E402
@@ -139,9 +139,7 @@ def main() -> None:
         result[title]["five_uncaptured_steps"] = kernel_table(lambda i=info: step(i.rows, i.bucket_length), top=24)
         show(title + ", 5 uncaptured steps", result[title]["five_uncaptured_steps"])
         print(f"\n== {title}: captured {info.step_ms:.2f} ms/step; GPU ms by kind {kinds}", flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "profile_parts.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_result(args.out, "profile_parts.json", result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ decode step). `python benchmarks/split_attention_gpu.py [--out DIR]`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_lib import write_result  # noqa: E402
 from chunky_utils.decode_runner import captured_ms  # noqa: E402
 from chunky_utils.decode_step import cache_attention  # noqa: E402
 from chunky_utils.split_attention import split_count, split_decode_attention  # noqa: E402
@@ -88,9 +88,7 @@ def main() -> None:
         "torch": torch.__version__,
         "buckets": [bucket(112, 640, 300, 514), bucket(320, 640, 300, 514), bucket(24, 512, 300, 501)],
     }
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "split_attention.json").write_text(json.dumps(report, indent=1))
+    write_result(args.out, "split_attention.json", report)
 
 
 if __name__ == "__main__":
