@@ -1,6 +1,7 @@
 """Split-key decoding attention (flash-decoding) for the fast path's [rows, length, kv heads, dim] cache.
 
-One query token per row. Each program takes one (row, kv head, split of the row's filled slots): it reads
+One query token per row. Each program takes one (row, kv head, split of the row's filled slots, the splits
+of equal size whatever the row's length): it reads
 that stretch of keys and values once for all query heads sharing the kv head, and writes a partial
 output with its log-sum-exp; a second kernel merges a row's splits (with one split the first kernel
 writes the answer itself). Several programs per row keep every SM streaming the cache where one program
@@ -52,7 +53,6 @@ def _kernels() -> tuple[Any, Any]:
         partial_lse,
         output,
         scale,
-        keys_per_split,
         length,
         groups: tl.constexpr,
         splits: tl.constexpr,
@@ -70,6 +70,7 @@ def _kernels() -> tuple[Any, Any]:
         slot_stride = kv_heads * dim  # contiguous [rows, length, kv heads, dim] keys and values
         row_stride = length * slot_stride
         filled = tl.load(lengths + row)
+        keys_per_split = tl.cdiv(tl.cdiv(filled, splits), block_keys) * block_keys  # this row's slots, evenly
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, filled)
         group = tl.arange(0, block_groups)
@@ -166,8 +167,6 @@ def split_decode_attention(
     groups = heads // kv_heads
     if splits is None:
         splits = split_count(rows, kv_heads, length, _processors(query.device))
-    keys_per_split = -(-length // splits)
-    keys_per_split = -(-keys_per_split // BLOCK_KEYS) * BLOCK_KEYS
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("split_decode_attention needs contiguous keys and values")
     query = query.contiguous()
@@ -188,7 +187,6 @@ def split_decode_attention(
         partial_lse,
         output,
         float(scale),
-        keys_per_split,
         length,
         groups=groups,
         splits=splits,

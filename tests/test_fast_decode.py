@@ -100,6 +100,20 @@ def test_fast_path_equals_generate(architecture: str, positions: str, sampling: 
     assert expected[0] != expected[1]  # the steering changes the text, so the check has teeth
 
 
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_prefill_in_chunks_with_rows_out_of_order_equals_generate(tiny: LoadedModel, positions: str) -> None:
+    """A prefill of one chunk per prompt (8-token chunks), rows of a prompt scattered through the batch."""
+    token_ids = prompt_ids(tiny)
+    row_prompts = [2, 0, 1, 0, 2, 1, 2]
+    direction = torch.randn(tiny.hidden_size, generator=torch.Generator().manual_seed(5)) * 2.0
+    deltas = torch.stack([direction * scale for scale in (0.0, 3.0, -2.0, 0.0, 4.0, 1.0, -1.0)])
+    args = (tiny, token_ids, row_prompts, {1: deltas}, positions, GREEDY, 8, 0, [])
+    expected = reference(*args)
+    assert fast(*args, max_batch_tokens=8) == expected
+    assert fast(*args) == expected
+    assert expected[0] != expected[4]  # rows of prompt 2 at different scales differ: the deltas reach them
+
+
 def test_sampling_rows_of_a_prompt_share_noise_and_zero_deltas_match(tiny: LoadedModel) -> None:
     token_ids = prompt_ids(tiny)
     row_prompts, deltas = scaled_rows(tiny, [0.0, 0.0])
