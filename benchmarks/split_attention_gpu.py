@@ -11,6 +11,7 @@ decode step). `python benchmarks/split_attention_gpu.py [--out DIR]`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,11 @@ def bucket(rows: int, length: int, shortest: int, longest: int) -> dict[str, Any
         for warps in (4, 8):
             candidates[f"split_{splits}_w{warps}"] = lambda s=splits, w=warps: split_decode_attention(
                 flat_query, keys, values, lengths32, DIM**-0.5, s, w
+            )
+    for splits in sorted({1, 2, auto}):  # slots per loop step and software-pipelining depth
+        for block_keys, stages in itertools.product((32, 64, 128), (1, 2, 3, 4)):
+            candidates[f"split_{splits}_w4_b{block_keys}_s{stages}"] = lambda s=splits, b=block_keys, g=stages: (
+                split_decode_attention(flat_query, keys, values, lengths32, DIM**-0.5, s, 4, b, g)
             )
     results: dict[str, Any] = {"rows": rows, "length": length, "kv_gb": read_gb, "auto_splits": auto, "kernels": {}}
     for name, call in candidates.items():
