@@ -157,9 +157,12 @@ def split_decode_attention(
     scale: float,
     splits: int | None = None,
     warps: int = 4,
+    block_keys: int = BLOCK_KEYS,
+    stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [rows, heads, dim] over each row's first `lengths[r]` slots of keys/values
-    [rows, length, kv heads, dim]; returns [rows, heads, dim] in the query's dtype."""
+    [rows, length, kv heads, dim]; returns [rows, heads, dim] in the query's dtype. `splits`, `warps`,
+    `block_keys` (slots per loop step) and `stages` (Triton's software pipelining) tune the launch."""
     import triton
 
     rows, heads, dim = query.shape
@@ -193,10 +196,11 @@ def split_decode_attention(
         dim=dim,
         block_groups=max(16, triton.next_power_of_2(groups)),
         block_dim=block_dim,
-        block_keys=BLOCK_KEYS,
+        block_keys=block_keys,
         precision="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=warps,
         single=splits == 1,
+        **({} if stages is None else {"num_stages": stages}),
     )
     if splits == 1:
         return output
