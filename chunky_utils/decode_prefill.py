@@ -15,7 +15,10 @@ from chunky_utils.packed_extraction import (
     flash_works,
     layer_keys_values,
     pack_chunks,
+    packed_positions,
     run_packed_layer,
+    sequence_bounds,
+    to_device_at_once,
     varlen_attention,
 )
 
@@ -86,27 +89,15 @@ def _plan(
     lengths = [len(prompt_token_ids[prompt]) - 1 for prompt in chunk_prompts]
     prompt_lengths = torch.tensor(lengths)
     ids = torch.tensor([token for prompt in chunk_prompts for token in prompt_token_ids[prompt][:-1]])
-    prompt_starts = prompt_lengths.cumsum(0) - prompt_lengths
-    positions = torch.arange(int(prompt_lengths.sum())) - prompt_starts.repeat_interleave(prompt_lengths)
+    prompt_bounds = sequence_bounds(prompt_lengths)
     fan_out = torch.tensor([len(rows_of[prompt]) for prompt in chunk_prompts])
     row_ids = torch.tensor([row for prompt in chunk_prompts for row in rows_of[prompt]])
     row_lengths = prompt_lengths.repeat_interleave(fan_out)
-    row_starts = row_lengths.cumsum(0) - row_lengths
-    slots = torch.arange(int(row_lengths.sum())) - row_starts.repeat_interleave(row_lengths)
-    source = slots + prompt_starts.repeat_interleave(fan_out).repeat_interleave(row_lengths)
+    slots = packed_positions(row_lengths)
+    source = slots + prompt_bounds[:-1].repeat_interleave(fan_out).repeat_interleave(row_lengths)
     rows = row_ids.repeat_interleave(row_lengths)
-
-    def bounds(sizes: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
-
-    tensors = [ids, positions, bounds(prompt_lengths), rows, slots, source, bounds(row_lengths)]
+    tensors = [ids, packed_positions(prompt_lengths), prompt_bounds, rows, slots, source, sequence_bounds(row_lengths)]
     return tensors, lengths, row_lengths.tolist()
-
-
-def _to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Int64 CPU tensors to the device in one copy (each copy from pageable memory waits for the GPU)."""
-    sizes = [tensor.numel() for tensor in tensors]
-    return list(torch.cat(tensors).to(device).split(sizes))
 
 
 def _chunks(
@@ -123,7 +114,7 @@ def _chunks(
         _plan(prompt_token_ids, [prompts[i] for i in chunk], rows_of)
         for chunk in pack_chunks(weights, max_batch_tokens)
     ]
-    sent = _to_device([tensor for tensors, _, _ in plans for tensor in tensors], device)
+    sent = to_device_at_once([tensor for tensors, _, _ in plans for tensor in tensors], device)
     result = []
     for index, (_, lengths, row_lengths) in enumerate(plans):
         ids, positions, cu, rows, slots, source, row_cu = sent[7 * index : 7 * index + 7]

@@ -84,6 +84,24 @@ def pack_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return chunks
 
 
+def packed_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """Position ids of sequences of `lengths` laid end to end, each counting from 0."""
+    starts = lengths.cumsum(0) - lengths
+    return torch.arange(int(lengths.sum())) - starts.repeat_interleave(lengths)
+
+
+def sequence_bounds(lengths: torch.Tensor) -> torch.Tensor:
+    """Where each of the sequences of `lengths` starts, then the total: [0, l0, l0 + l1, ...]."""
+    return torch.cat([torch.zeros(1, dtype=lengths.dtype), lengths.cumsum(0)])
+
+
+def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Int64 CPU tensors to the device in one copy. A copy from pageable host memory waits until the GPU has
+    finished its queue, so copying each chunk's indices when it is reached would leave the GPU idle while the
+    host builds them."""
+    return list(torch.cat(list(tensors)).to(device).split([tensor.numel() for tensor in tensors]))
+
+
 def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether variable-length flash attention runs and agrees with the per-prompt loop here (probed once)."""
     key = (str(device), dtype)
@@ -270,15 +288,12 @@ def extract_packed(
     device = body.embed_tokens.weight.device
     flash_works(device, body.embed_tokens.weight.dtype)
     chunks = pack_chunks([len(ids) for ids in token_ids], max_batch_tokens)
-    # every chunk's ids and positions reach the device in one copy: a copy from pageable memory waits for the
-    # GPU, so copying chunk by chunk would leave it idle while the host prepares the next chunk
     lengths = [torch.tensor([len(token_ids[i]) for i in chunk]) for chunk in chunks]
     host: list[torch.Tensor] = []
     for chunk, sizes in zip(chunks, lengths, strict=True):
-        host.append(torch.tensor([token for i in chunk for token in token_ids[i]]))
-        host.append(torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes))
-        host.append(torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]))
-    sent = torch.cat(host).to(device).split([tensor.numel() for tensor in host])
+        host += [torch.tensor([token for i in chunk for token in token_ids[i]]), packed_positions(sizes)]
+        host.append(sequence_bounds(sizes))
+    sent = to_device_at_once(host, device)
     read_chunks: list[torch.Tensor] = []
     with routed_attention(model, VARLEN_ATTENTION, varlen_attention):
         for index, sizes in enumerate(lengths):

@@ -7,7 +7,14 @@ import torch
 
 from chunky_utils.activations import extract_last_token_activations
 from chunky_utils.models import LoadedModel, build_tiny_model
-from chunky_utils.packed_extraction import pack_chunks, packing_reason, varlen_attention
+from chunky_utils.packed_extraction import (
+    pack_chunks,
+    packed_positions,
+    packing_reason,
+    sequence_bounds,
+    to_device_at_once,
+    varlen_attention,
+)
 
 PROMPTS = [
     "Hi",
@@ -85,3 +92,12 @@ def test_varlen_attention_is_block_diagonal_causal() -> None:
         start += length
     with pytest.raises(ValueError, match="cu_seq_lens"):
         varlen_attention(None, query, key, value, None)
+
+
+def test_packed_indices_and_one_copy() -> None:
+    lengths = torch.tensor([3, 1, 2])
+    assert packed_positions(lengths).tolist() == [0, 1, 2, 0, 0, 1]
+    assert sequence_bounds(lengths).tolist() == [0, 3, 4, 6]
+    parts = [torch.arange(4), torch.tensor([7]), torch.tensor([5, 6])]
+    sent = to_device_at_once(parts, torch.device("cpu"))
+    assert [part.tolist() for part in sent] == [[0, 1, 2, 3], [7], [5, 6]]
