@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chunky_utils import packed_extraction
 from chunky_utils.activations import extract_last_token_activations
-from chunky_utils.models import LoadedModel, build_tiny_model
+from chunky_utils.models import LoadedModel, build_tiny_model, find_decoder_layers
 from chunky_utils.packed_extraction import (
     pack_chunks,
     packed_positions,
     packing_reason,
+    routed_attention,
     sequence_bounds,
     to_device_at_once,
     varlen_attention,
@@ -101,3 +103,28 @@ def test_packed_indices_and_one_copy() -> None:
     parts = [torch.arange(4), torch.tensor([7]), torch.tensor([5, 6])]
     sent = to_device_at_once(parts, torch.device("cpu"))
     assert [part.tolist() for part in sent] == [[0, 1, 2, 3], [7], [5, 6]]
+
+
+@pytest.mark.parametrize("on_config", [True, False], ids=["shared-config", "set_attn_implementation"])
+def test_routed_attention_routes_and_restores(tiny: LoadedModel, on_config: bool) -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny.model
+    packed_extraction._ONE_CONFIG[model] = on_config  # both ways of switching, whatever this model allows
+    calls = []
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return sdpa_attention_forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    before = model.config._attn_implementation
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        expected = model(ids).logits
+        with routed_attention(model, "chunky_test_route", counted):
+            assert model.config._attn_implementation == "chunky_test_route"
+            routed = model(ids).logits
+    assert len(calls) == len(find_decoder_layers(model))
+    assert model.config._attn_implementation == before
+    torch.testing.assert_close(routed, expected)
+    packed_extraction._ONE_CONFIG.pop(model)
