@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_lib import write_result  # noqa: E402
 from benchmarks.run_gpu import build_random_llama8b, fast_rows, make_prompts, profile_fast_step  # noqa: E402
 from chunky_utils import decode_runner, fast_decode  # noqa: E402
-from chunky_utils.activations import extract_last_token_activations  # noqa: E402
+from chunky_utils.activations import extract_last_token_activations, extract_prompt_sets  # noqa: E402
 from chunky_utils.decode_prefill import routed_attention_function  # noqa: E402
 from chunky_utils.packed_extraction import routed_attention  # noqa: E402
 
@@ -114,10 +114,15 @@ def main() -> None:
     result: dict[str, Any] = {}
 
     def extraction() -> None:
-        for chosen in (vector_prompts[:100], vector_prompts[100:]):
-            extract_last_token_activations(
-                loaded.model, loaded.tokenizer, chosen, [16], batch_size=64, max_batch_tokens=32768, progress=False
-            )
+        extract_prompt_sets(
+            loaded.model,
+            loaded.tokenizer,
+            [vector_prompts[:100], vector_prompts[100:]],
+            [16],
+            batch_size=64,
+            max_batch_tokens=32768,
+            progress=False,
+        )
 
     parts: dict[str, Callable[[], Any]] = {
         "extraction 2 x 100 prompts, layer 16": extraction,

@@ -40,7 +40,7 @@ from benchmarks.bench_lib import (  # noqa: E402
     time_it,
 )
 from chunky_utils import decode_runner, fast_decode, packed_extraction  # noqa: E402
-from chunky_utils.activations import extract_last_token_activations  # noqa: E402
+from chunky_utils.activations import extract_last_token_activations, extract_prompt_sets  # noqa: E402
 from chunky_utils.attention import grouped_query_decoding  # noqa: E402
 from chunky_utils.chat import format_prompts, left_pad, pad_token_id, tokenize_prompts  # noqa: E402
 from chunky_utils.data import bundled_rows  # noqa: E402
@@ -61,6 +61,7 @@ from chunky_utils.sampling import SamplingSettings, SharedStreamProcessor, promp
 from chunky_utils.steering import add_to_layers  # noqa: E402
 
 GREEDY = SamplingSettings(temperature=0.0)
+FIVE_SCALES = [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]  # baseline + 5 scales
 
 LLAMA_31_8B = {
     "vocab_size": 128256,
@@ -196,6 +197,7 @@ def fast_rows(
     scales: list[float],
     new_tokens: int,
     sampling: SamplingSettings = GREEDY,
+    positions: str = "all",
 ) -> list[list[int]]:
     """The same rows through fast_decode.fast_generate (every row decodes exactly `new_tokens`)."""
     token_ids = prompt_token_ids(loaded, prompts)
@@ -203,7 +205,7 @@ def fast_rows(
     deltas = torch.stack([vector * s for _ in prompts for s in scales])
     keys = [prompt_key(prompts[p]) for p in rows]
     return fast_decode.fast_generate(
-        loaded, token_ids, rows, keys, {16: deltas}, "all", sampling, new_tokens, new_tokens, []
+        loaded, token_ids, rows, keys, {16: deltas}, positions, sampling, new_tokens, new_tokens, []
     )
 
 
@@ -356,19 +358,18 @@ def extraction(inputs: Inputs) -> list[Row]:
     target, baseline = vector_prompts[:half], vector_prompts[half:]
 
     def extract_both(layers: list[int] | None, packing: str = "auto") -> list[torch.Tensor]:
-        return [
-            extract_last_token_activations(
-                loaded.model,
-                loaded.tokenizer,
-                prompts,
-                layers,
-                batch_size=64,
-                max_batch_tokens=32768,
-                progress=False,
-                packing=packing,
-            )[0]
-            for prompts in (target, baseline)
-        ]
+        """Both sets in one call, as a run's cache misses are (`activations.prompt_sets_means`)."""
+        extracted = extract_prompt_sets(
+            loaded.model,
+            loaded.tokenizer,
+            [target, baseline],
+            layers,
+            batch_size=64,
+            max_batch_tokens=32768,
+            progress=False,
+            packing=packing,
+        )
+        return [activations for activations, _ in extracted]
 
     started = time.perf_counter()
     packed = torch.cat(extract_both([16], "packed"))
@@ -509,9 +510,9 @@ def fast_generation(inputs: Inputs) -> list[Row]:
     few = gen_prompts[: max(1, n_gen // 5)]
     infos: dict[str, list[fast_decode.RunInfo]] = {}
 
-    def fast(name: str, prompts: list[str], scales: list[float]) -> Callable[[], None]:
+    def fast(name: str, prompts: list[str], scales: list[float], positions: str = "all") -> Callable[[], None]:
         def run() -> None:
-            fast_rows(loaded, prompts, vector, scales, new_tokens)
+            fast_rows(loaded, prompts, vector, scales, new_tokens, positions=positions)
             infos.setdefault(name, []).append(fast_decode.last_run_info())
 
         return run
@@ -519,8 +520,11 @@ def fast_generation(inputs: Inputs) -> list[Row]:
     candidates = {
         "plain_generate": lambda: plain_generate(loaded, gen_prompts, new_tokens),
         "fast_baseline+steered": fast("fast_baseline+steered", gen_prompts, [0.0, 2.0]),
-        "fast_baseline+5_scales": fast("fast_baseline+5_scales", gen_prompts, [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]),
+        "fast_baseline+5_scales": fast("fast_baseline+5_scales", gen_prompts, FIVE_SCALES),
         "fast_baseline+steered_10_prompts": fast("fast_baseline+steered_10_prompts", few, [0.0, 2.0]),
+        "fast_baseline+5_scales_generated_positions": fast(
+            "fast_baseline+5_scales_generated_positions", gen_prompts, FIVE_SCALES, positions="generated"
+        ),
     }
     started = time.perf_counter()
     for name in list(candidates)[1:]:  # first calls compile and capture: kept out of the timed runs
@@ -554,9 +558,19 @@ def fast_generation(inputs: Inputs) -> list[Row]:
         ("fast_baseline+steered_10_prompts", "fast: baseline+steered, 10 prompts x 100 tokens (s)", 0.6),
     ):
         rows.append(at_most(label, times[name], limit, run_detail(runs[name])))
+    rows.append(
+        Row(
+            "fast: baseline + 5 scales, prompt positions unsteered (`--steer-positions generated`) (s)",
+            times["fast_baseline+5_scales_generated_positions"],
+            "-",
+            True,
+            "one prefill per prompt serves its six rows; "
+            + run_detail(runs["fast_baseline+5_scales_generated_positions"]),
+        )
+    )
     rows += [
         Row(
-            "compile and capture of the three runs' buckets (s; not in the timed rows)",
+            "compile and capture of the runs' buckets (s; not in the timed rows)",
             compile_s + capture_s,
             "reported",
             True,

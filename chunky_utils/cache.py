@@ -115,13 +115,16 @@ class ActivationCache:
             raise ValueError(f"cache file name {name!r} escapes the cache folder")
         return path
 
+    def lock_path(self, subset: str, n_samples: int) -> Path:
+        return self._inside(f".{safe_label(subset)}_{n_samples}.lock")
+
     @contextmanager
     def lock(self, subset: str, n_samples: int) -> Iterator[None]:
         """Inter-process lock for computing one subset entry."""
         from filelock import FileLock
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self._inside(f".{safe_label(subset)}_{n_samples}.lock"))):
+        with FileLock(str(self.lock_path(subset, n_samples))):
             yield
 
     def _expected(self, subset: str, n_samples: int, layer: int, data_hash: str) -> dict[str, Any]:

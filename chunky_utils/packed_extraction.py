@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,8 +122,11 @@ def sequence_bounds(lengths: torch.Tensor) -> torch.Tensor:
 def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Int64 CPU tensors to the device in one copy. A copy from pageable host memory waits until the GPU has
     finished its queue, so copying each chunk's indices when it is reached would leave the GPU idle while the
-    host builds them."""
-    return list(torch.cat(list(tensors)).to(device).split([tensor.numel() for tensor in tensors]))
+    host builds them; from pinned memory (on CUDA) the copy is queued without a wait."""
+    joined = torch.cat(list(tensors))
+    if device.type == "cuda":  # pinned: the copy is queued behind the device's work instead of waiting for it
+        joined = joined.pin_memory().to(device, non_blocking=True)
+    return list(joined.to(device).split([tensor.numel() for tensor in tensors]))
 
 
 def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
@@ -300,17 +303,15 @@ def _last_tokens_only(
     return (residual + layer.mlp(layer.post_attention_layernorm(residual)))[0]
 
 
-@torch.inference_mode()
-def extract_packed(
-    model: nn.Module, token_ids: Sequence[Sequence[int]], layers: Sequence[int], max_batch_tokens: int
-) -> torch.Tensor:
-    """Activations [prompts, len(layers), hidden] (float32, CPU) on each prompt's last token."""
-    wanted = sorted(set(layers))
-    deepest = wanted[-1]
+def _queue_set(
+    model: nn.Module, token_ids: Sequence[Sequence[int]], wanted: list[int], max_batch_tokens: int
+) -> list[torch.Tensor]:
+    """One set's chunks queued on the device; their reads come back as CPU tensors (pinned, filled without a
+    wait on CUDA: valid once the device has synchronised)."""
     body = model.model
     decoder_layers = find_decoder_layers(model)
     device = body.embed_tokens.weight.device
-    flash_works(device, body.embed_tokens.weight.dtype)
+    deepest = wanted[-1]
     chunks = pack_chunks([len(ids) for ids in token_ids], max_batch_tokens)
     lengths = [torch.tensor([len(token_ids[i]) for i in chunk]) for chunk in chunks]
     host: list[torch.Tensor] = []
@@ -319,31 +320,58 @@ def extract_packed(
         host.append(sequence_bounds(sizes))
     sent = to_device_at_once(host, device)
     read_chunks: list[torch.Tensor] = []
+    for index, sizes in enumerate(lengths):
+        ids, positions, bounds = sent[3 * index : 3 * index + 3]
+        ids, positions, cu = ids[None], positions[None], bounds.to(torch.int32)
+        last = bounds[1:] - 1
+        longest = int(sizes.max())
+        hidden = body.embed_tokens(ids)
+        cos, sin = body.rotary_emb(hidden, positions)
+        packing = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        read: dict[int, torch.Tensor] = {}
+        for layer_index in range(deepest + 1):
+            layer = decoder_layers[layer_index]
+            if layer_index == deepest:
+                read[layer_index] = _last_tokens_only(layer, hidden, cos, sin, cu, last, longest).float()
+                break
+            hidden = run_packed_layer(layer, hidden, positions, cos, sin, packing)
+            if layer_index in wanted:
+                read[layer_index] = hidden[0, last].float()
+        stacked = torch.stack([read[layer_index] for layer_index in wanted], dim=1)
+        read_chunks.append(stacked.to("cpu", non_blocking=device.type == "cuda"))  # pinned: no wait here
+    return read_chunks
+
+
+@torch.inference_mode()
+def extract_packed_sets(
+    model: nn.Module,
+    token_id_sets: Iterable[Sequence[Sequence[int]]],
+    layers: Sequence[int],
+    max_batch_tokens: int,
+) -> list[torch.Tensor]:
+    """Activations [prompts, len(layers), hidden] (float32, CPU) on each prompt's last token, one per set.
+
+    Each set is queued on the device as soon as the iterable yields its token ids, and nothing waits for the
+    device before every set is queued: an iterable that tokenizes lazily prepares set k + 1 on the host while
+    the GPU runs set k.
+    """
+    wanted = sorted(set(layers))
+    body = model.model
+    device = body.embed_tokens.weight.device
+    flash_works(device, body.embed_tokens.weight.dtype)
+    hidden_size = body.embed_tokens.weight.shape[1]
+    queued: list[list[torch.Tensor]] = []
     with routed_attention(model, VARLEN_ATTENTION, varlen_attention):
-        for index, sizes in enumerate(lengths):
-            ids, positions, bounds = sent[3 * index : 3 * index + 3]
-            ids, positions, cu = ids[None], positions[None], bounds.to(torch.int32)
-            last = bounds[1:] - 1
-            longest = int(sizes.max())
-            hidden = body.embed_tokens(ids)
-            cos, sin = body.rotary_emb(hidden, positions)
-            packing = {
-                "cu_seq_lens_q": cu,
-                "cu_seq_lens_k": cu,
-                "max_length_q": longest,
-                "max_length_k": longest,
-            }
-            read: dict[int, torch.Tensor] = {}
-            for layer_index in range(deepest + 1):
-                layer = decoder_layers[layer_index]
-                if layer_index == deepest:
-                    read[layer_index] = _last_tokens_only(layer, hidden, cos, sin, cu, last, longest).float()
-                    break
-                hidden = run_packed_layer(layer, hidden, positions, cos, sin, packing)
-                if layer_index in wanted:
-                    read[layer_index] = hidden[0, last].float()
-            stacked = torch.stack([read[layer_index] for layer_index in wanted], dim=1)
-            read_chunks.append(stacked.to("cpu", non_blocking=device.type == "cuda"))  # pinned: no wait here
+        for token_ids in token_id_sets:
+            queued.append(_queue_set(model, token_ids, wanted, max_batch_tokens) if token_ids else [])
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
-    return torch.cat(read_chunks)  # pack_chunks keeps the prompts' order
+    empty = torch.empty(0, len(wanted), hidden_size)
+    return [torch.cat(chunks) if chunks else empty for chunks in queued]  # pack_chunks keeps the prompts' order
+
+
+def extract_packed(
+    model: nn.Module, token_ids: Sequence[Sequence[int]], layers: Sequence[int], max_batch_tokens: int
+) -> torch.Tensor:
+    """Activations [prompts, len(layers), hidden] (float32, CPU) on each prompt's last token."""
+    return extract_packed_sets(model, [token_ids], layers, max_batch_tokens)[0]

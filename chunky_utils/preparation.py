@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from chunky_utils.activations import subset_means
+from chunky_utils.activations import prompt_sets_means
 from chunky_utils.config import RunConfig
 from chunky_utils.data import PreparedPrompts, default_prompt_set, load_prompt_set
 from chunky_utils.models import LoadedModel, load_model
@@ -61,18 +61,17 @@ def steering_vector_for(
 ) -> tuple[SteeringVector, dict[str, bool]]:
     """The contrastive vector at `layers` (default `config.layer`), through the cache; also which side hit it.
     The layer was validated where the run was prepared (`Runner.run`)."""
-    sides = {}
-    for side, prompt_set in (("target", prompts.target), ("baseline", prompts.baseline)):
-        sides[side] = subset_means(
-            loaded,
-            prompt_set,
-            list(layers) if layers is not None else [config.layer],
-            config.cache_path,
-            read_position=config.read_position,
-            capture=config.capture,
-            batch_size=config.batch_size,
-            progress=config.progress,
-        )
+    target, baseline = prompt_sets_means(  # cache misses of both sides extracted in one call
+        loaded,
+        [prompts.target, prompts.baseline],
+        list(layers) if layers is not None else [config.layer],
+        config.cache_path,
+        read_position=config.read_position,
+        capture=config.capture,
+        batch_size=config.batch_size,
+        progress=config.progress,
+    )
+    sides = {"target": target, "baseline": baseline}
     vector = contrastive_vector(sides["target"], sides["baseline"])
     return vector, {side: means.cache_hit for side, means in sides.items()}
 

@@ -112,16 +112,20 @@ def extract(
 ) -> SteeringVector:
     """Prompts in, vector out, no cache: `mean(target) - mean(baseline)` of the read token at each layer
     (default: every layer). The cached path (`activations.subset_means`) gives the same numbers."""
-    from chunky_utils.activations import extract_last_token_activations
+    from chunky_utils.activations import extract_prompt_sets
 
-    means = []
-    for prompts in (target_prompts, baseline_prompts):
-        if not prompts:
-            raise ValueError("extract needs at least one target and one baseline prompt")
-        activations, _ = extract_last_token_activations(
-            loaded.model, loaded.tokenizer, list(prompts), layers, batch_size, read_position, progress=progress
-        )
-        means.append(activations.mean(dim=0))
+    if not target_prompts or not baseline_prompts:
+        raise ValueError("extract needs at least one target and one baseline prompt")
+    extracted = extract_prompt_sets(
+        loaded.model,
+        loaded.tokenizer,
+        [list(target_prompts), list(baseline_prompts)],
+        layers,
+        batch_size,
+        read_position,
+        progress=progress,
+    )
+    means = [activations.mean(dim=0) for activations, _ in extracted]
     wanted = sorted(set(range(loaded.n_layers) if layers is None else layers))
     directions = {layer: means[0][i] - means[1][i] for i, layer in enumerate(wanted)}
     metadata = {

@@ -141,3 +141,35 @@ def test_cached_activations_round_trip(tiny: LoadedModel, tmp_path: Path) -> Non
     acts, layers = loaded
     assert acts.shape == (5, 4, 64) and layers == [0, 1, 2, 3]
     assert cache.load_activations("2", 5, "other") is None
+
+
+def test_prompt_sets_means_extract_the_misses_in_one_call(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chunky_utils import activations
+
+    target = load_prompt_set("2", 5, data_source="bundled")
+    baseline = load_prompt_set("3", 4, data_source="bundled")
+    alone = {s.subset: subset_means(tiny, s, [1, 2], tmp_path / "alone", progress=False) for s in (target, baseline)}
+    calls: list[int] = []
+    original = activations.extract_prompt_sets
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(len(args[2]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(activations, "extract_prompt_sets", counted)
+    both = activations.prompt_sets_means(tiny, [target, baseline, target], [1, 2], tmp_path / "both", progress=False)
+    assert calls == [2], "both misses in one call, the repeated set extracted once"
+    assert [m.cache_hit for m in both] == [False, False, False]
+    for means in both:
+        for layer in (1, 2):
+            torch.testing.assert_close(
+                means.means[layer].mean_vector, alone[means.prompt_set.subset].means[layer].mean_vector
+            )
+    assert both[0].means[1].path == both[2].means[1].path
+    again = activations.prompt_sets_means(tiny, [target, baseline], [1], tmp_path / "both", progress=False)
+    assert [m.cache_hit for m in again] == [True, True] and calls == [2]
+    again[1].means[1].path.unlink()  # the baseline's mean at layer 1 is gone: only it is extracted again
+    mixed = activations.prompt_sets_means(tiny, [target, baseline], [1], tmp_path / "both", progress=False)
+    assert [m.cache_hit for m in mixed] == [True, False] and calls == [2, 1]

@@ -128,3 +128,20 @@ def test_routed_attention_routes_and_restores(tiny: LoadedModel, on_config: bool
     assert model.config._attn_implementation == before
     torch.testing.assert_close(routed, expected)
     packed_extraction._ONE_CONFIG.pop(model)
+
+
+@pytest.mark.parametrize("packing", ["packed", "padded"])
+def test_prompt_sets_in_one_call_equal_one_call_each(packing: str) -> None:
+    from chunky_utils.activations import extract_prompt_sets
+
+    loaded = build_tiny_model("llama", n_layers=4, hidden_size=64, seed=2)
+    sets = [PROMPTS[:4], PROMPTS[4:], []]
+    together = extract_prompt_sets(loaded.model, loaded.tokenizer, sets, [1, 2], packing=packing, progress=False)
+    assert len(together) == len(sets)
+    for prompts, (activations, stats) in zip(sets, together, strict=True):
+        assert activations.shape == (len(prompts), 2, 64) and stats.n_prompts == len(prompts)
+        if prompts:
+            alone, _ = extract_last_token_activations(
+                loaded.model, loaded.tokenizer, prompts, [1, 2], packing=packing, progress=False
+            )
+            torch.testing.assert_close(activations, alone, rtol=1e-5, atol=1e-5)

@@ -338,7 +338,7 @@ def _same_subset_worker(cache_root: str, barrier: Any, calls: str, results: Any)
     from chunky_utils.data import load_prompt_set
     from chunky_utils.models import load_model
 
-    original = activations.extract_last_token_activations
+    original = activations.extract_prompt_sets
 
     def slow_extraction(*args: Any, **kwargs: Any) -> Any:
         with open(calls, "a", encoding="utf-8") as handle:
@@ -346,7 +346,7 @@ def _same_subset_worker(cache_root: str, barrier: Any, calls: str, results: Any)
         time.sleep(1.0)  # widen the window in which the other worker could start the same extraction
         return original(*args, **kwargs)
 
-    activations.extract_last_token_activations = slow_extraction
+    activations.extract_prompt_sets = slow_extraction
     loaded = load_model("tiny-random:llama")
     prompt_set = load_prompt_set("12", 6, data_source="bundled")
     barrier.wait(timeout=120)

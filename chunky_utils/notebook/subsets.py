@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from chunky_utils.activations import SubsetMeans, cache_key_for, extract_last_token_activations, subset_means
+from chunky_utils.activations import SubsetMeans, cache_key_for, extract_last_token_activations, prompt_sets_means
 from chunky_utils.cache import ActivationCache
 from chunky_utils.data import TULU_SET_MAP, PromptSet, load_prompt_set, parse_subset
 from chunky_utils.errors import UsageError
@@ -50,14 +50,12 @@ def all_layer_means(
     batch_size: int = BATCH_ROWS,
     progress: bool = False,
 ) -> dict[str, SubsetMeans]:
-    """Every layer's mean for each prompt set: from the cache, or one extraction pass per set (then cached)."""
+    """Every layer's mean for each prompt set: from the cache, or one extraction call for the misses (then cached)."""
     layers = list(range(loaded.n_layers))
-    return {
-        subset: subset_means(
-            loaded, prompt_set, layers, cache_dir, read_position, "all", batch_size=batch_size, progress=progress
-        )
-        for subset, prompt_set in prompt_sets.items()
-    }
+    found = prompt_sets_means(
+        loaded, list(prompt_sets.values()), layers, cache_dir, read_position, "all", batch_size, progress
+    )
+    return dict(zip(prompt_sets, found, strict=True))
 
 
 def prompt_activations(
