@@ -104,6 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     loaded = build_random_llama8b("cuda:0")
     LOADED.append(loaded)
     prompts = make_prompts(50, 50, 400, seed=1)
