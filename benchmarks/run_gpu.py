@@ -243,6 +243,55 @@ def decode_floor(loaded: LoadedModel, prompts: list[str], rows_per_prompt: int, 
     return {"weight_bytes": float(weights), "kv_bytes": float(kv), "mean_context": mean_context}
 
 
+def run_floor(
+    loaded: LoadedModel,
+    prompts: list[str],
+    rows_per_prompt: int,
+    new_tokens: int,
+    bandwidth: float,
+    steered_layer: int = 16,
+    steer_prompt: bool = True,
+) -> dict[str, float]:
+    """The least time one fast-path run can take. The prefill's products at 790 TFLOP/s (the best this H200
+    measured); it runs the layers up to the steered one once per prompt and the rest once per row (once per
+    prompt when prompt positions are unsteered), and its last layer computes only keys and values. Each
+    decoding step: its products at 790 TFLOP/s or its weights read at copy bandwidth, whichever is slower,
+    then the keys and values its attention reads at copy bandwidth."""
+    layers = find_decoder_layers(loaded.model)
+    layer_params = sum(p.numel() for p in layers[0].parameters() if p.dim() == 2)
+    last_kv = sum(p.numel() for name in ("k_proj", "v_proj") for p in getattr(layers[-1].self_attn, name).parameters())
+    head = loaded.model.get_output_embeddings().weight.numel()
+    lengths = [len(ids) - 1 for ids in prompt_token_ids(loaded, prompts)]  # the last prompt token is step 1
+    prompt_tokens = sum(lengths)
+    trunk = steered_layer + 1 if steer_prompt else len(layers) - 1
+    fan_out = rows_per_prompt if steer_prompt else 1
+    tail = len(layers) - 1 - trunk
+    prefill = 2 * prompt_tokens * (trunk * layer_params + fan_out * (tail * layer_params + last_kv))
+    rows = rows_per_prompt * len(prompts)
+    decode = 2 * new_tokens * rows * (len(layers) * layer_params + head)
+    config = loaded.model.config
+    per_token = 2 * len(layers) * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 2
+    kv = rows_per_prompt * new_tokens * sum(length + 1 + (new_tokens - 1) / 2 for length in lengths) * per_token
+    weights = decode_floor(loaded, prompts[:1], 1, 1)["weight_bytes"]
+    products = prefill / 790e12 + new_tokens * max(decode / new_tokens / 790e12, weights / bandwidth)
+    return {
+        "prefill_flop": prefill,
+        "decode_flop": decode,
+        "weight_bytes": weights,
+        "kv_bytes": kv,
+        "floor_s": products + kv / bandwidth,
+    }
+
+
+def floor_detail(floor: dict[str, float], target: float | None = None) -> str:
+    text = (
+        f"floor {floor['floor_s']:.2f} s (prefill {floor['prefill_flop'] / 1e12:.0f} TFLOP and decoding"
+        f" {floor['decode_flop'] / 1e12:.0f} TFLOP at 790 TFLOP/s or {floor['weight_bytes'] / 1e9:.0f} GB of weights"
+        f" a step, keys and values {floor['kv_bytes'] / 1e9:.0f} GB, at copy bandwidth)"
+    )
+    return text + (f"; the target is {target / floor['floor_s']:.2f}x the floor" if target else "")
+
+
 @torch.inference_mode()
 def profile_fast_step(loaded: LoadedModel, rows: int, length: int, steps: int = 5) -> dict[str, float]:
     """GPU milliseconds per decoding step by kernel kind, from the profiled (uncaptured) compiled step."""
@@ -542,12 +591,22 @@ def fast_generation(inputs: Inputs) -> list[Row]:
     plain = times["plain_generate"]
     steered = times["fast_baseline+steered"]
     step_ms = statistics.median(info.step_ms for info in runs["fast_baseline+steered"])
+    bandwidth = float(results.get("copy_bandwidth_bytes_per_s") or 4.17e12)  # type: ignore[arg-type]
+    floors = {
+        "fast_baseline+steered": run_floor(loaded, gen_prompts, 2, new_tokens, bandwidth),
+        "fast_baseline+5_scales": run_floor(loaded, gen_prompts, 6, new_tokens, bandwidth),
+        "fast_baseline+steered_10_prompts": run_floor(loaded, few, 2, new_tokens, bandwidth),
+        "fast_baseline+5_scales_generated_positions": run_floor(
+            loaded, gen_prompts, 6, new_tokens, bandwidth, steer_prompt=False
+        ),
+    }
+    results["run_floors"] = floors
     rows = [
         at_most(
             "fast: baseline+steered, 50 prompts x 100 tokens (s)",
             steered,
             1.2,
-            run_detail(runs["fast_baseline+steered"]),
+            f"{run_detail(runs['fast_baseline+steered'])}; {floor_detail(floors['fast_baseline+steered'], 1.2)}",
         ),
         at_most(
             "fast baseline+steered / plain generate, same run", steered / plain, 0.3, f"plain generate {plain:.2f} s"
@@ -557,7 +616,8 @@ def fast_generation(inputs: Inputs) -> list[Row]:
         ("fast_baseline+5_scales", "fast: baseline + 5 scales, 50 prompts x 100 tokens (s)", 1.8),
         ("fast_baseline+steered_10_prompts", "fast: baseline+steered, 10 prompts x 100 tokens (s)", 0.6),
     ):
-        rows.append(at_most(label, times[name], limit, run_detail(runs[name])))
+        detail = f"{run_detail(runs[name])}; {floor_detail(floors[name], limit)}"
+        rows.append(at_most(label, times[name], limit, detail))
     rows.append(
         Row(
             "fast: baseline + 5 scales, prompt positions unsteered (`--steer-positions generated`) (s)",
@@ -565,7 +625,9 @@ def fast_generation(inputs: Inputs) -> list[Row]:
             "-",
             True,
             "one prefill per prompt serves its six rows; "
-            + run_detail(runs["fast_baseline+5_scales_generated_positions"]),
+            + run_detail(runs["fast_baseline+5_scales_generated_positions"])
+            + "; "
+            + floor_detail(floors["fast_baseline+5_scales_generated_positions"]),
         )
     )
     rows += [

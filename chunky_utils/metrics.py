@@ -214,6 +214,7 @@ def score_texts(
     return scores
 
 
+@torch.no_grad()  # scoring reads the model: no autograd graph is kept
 def score_texts_and_means(
     loaded: LoadedModel,
     prompts: Sequence[str],

@@ -66,15 +66,15 @@ def tiny_config(tmp_path: Path, **changes: Any) -> RunConfig:
 
 @pytest.fixture
 def count_extractions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every call of the extraction pass, recorded (its prompt count)."""
+    """Every prompt set the extraction pass reads, recorded (its prompt count)."""
     calls: list[int] = []
-    original = activations.extract_last_token_activations
+    original = activations.extract_prompt_sets
 
-    def counting(model: Any, tokenizer: Any, prompts: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(len(prompts))
-        return original(model, tokenizer, prompts, *args, **kwargs)
+    def counting(model: Any, tokenizer: Any, prompt_sets: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.extend(len(prompts) for prompts in prompt_sets)
+        return original(model, tokenizer, prompt_sets, *args, **kwargs)
 
-    monkeypatch.setattr(activations, "extract_last_token_activations", counting)
+    monkeypatch.setattr(activations, "extract_prompt_sets", counting)
     return calls
 
 
