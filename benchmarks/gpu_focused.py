@@ -7,11 +7,13 @@
   shared-stream processor), 50 prompts x 2 rows x 100 tokens; `--dtype float32` runs both on an fp32
   model with TF32 off, which separates the path's own differences from bf16 rounding.
 
+- `chunks`: the fast path's two 50-prompt runs with the prefill packed in chunks of 16k, 32k and 64k row
+  tokens, side by side.
 - `watch`: the playground's watched run (`instrument.RunWatch`) on the GPU decode loop: the loop is taken,
   every step reaches the progress callback, and a stop set after step 10 ends the loop there; and a zero
   vector at temperature 0.7 gives baseline texts identical to the steered ones.
 
-`python benchmarks/gpu_focused.py times|agreement|watch [--dtype float32] [--out DIR]`; `run_gpu.py` has the
+`python benchmarks/gpu_focused.py times|agreement|watch|chunks [--dtype float32] [--out DIR]`; `run_gpu.py` has the
 full table.
 """
 
@@ -69,6 +71,27 @@ def timings(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, 
     return {"times_s": times, "ratio_steered_to_plain": ratio, "runs": runs}
 
 
+def prefill_chunks(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, Any]:
+    """The fast path's runs with the prefill packed in chunks of 16k (the default), 32k and 64k row tokens."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def fast(name: str, scales: list[float], chunk: int) -> Any:
+        def run() -> None:
+            fast_rows(loaded, prompts, vector, scales, NEW_TOKENS, max_batch_tokens=chunk)
+            runs.setdefault(name, []).append(asdict(fast_decode.last_run_info()))
+
+        return run
+
+    candidates = {
+        f"{label}_chunk_{chunk}": fast(f"{label}_chunk_{chunk}", scales, chunk)
+        for label, scales in (("baseline+steered", [0.0, 2.0]), ("baseline+5_scales", [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]))
+        for chunk in (16384, 32768, 65536)
+    }
+    for run in candidates.values():  # compile and capture outside the timed runs
+        run()
+    return {"times_s": side_by_side(candidates, 3), "runs": runs}
+
+
 def greedy_agreement(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[str, Any]:
     """Share of rows whose greedy token ids are the same from both paths, and where the others part."""
     reference = eager_rows(loaded, prompts, vector, [0.0, 2.0], NEW_TOKENS, GREEDY)
@@ -118,7 +141,7 @@ def watched_runs(loaded: Any, prompts: list[str], vector: torch.Tensor) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["times", "agreement", "watch"])
+    parser.add_argument("mode", choices=["times", "agreement", "watch", "chunks"])
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -131,7 +154,9 @@ def main() -> None:
     prompts = make_prompts(50, 50, 400, seed=1)
     torch.manual_seed(0)
     vector = torch.randn(loaded.hidden_size) * 2.0
-    measure = {"times": timings, "agreement": greedy_agreement, "watch": watched_runs}[args.mode]
+    measure = {"times": timings, "agreement": greedy_agreement, "watch": watched_runs, "chunks": prefill_chunks}[
+        args.mode
+    ]
     result = {"mode": args.mode, "dtype": args.dtype, **measure(loaded, prompts, vector)}
     result["wall_s"] = time.perf_counter() - started
     print(json.dumps({key: value for key, value in result.items() if key not in ("runs", "fast_run")}, indent=1))

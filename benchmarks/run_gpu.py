@@ -198,6 +198,7 @@ def fast_rows(
     new_tokens: int,
     sampling: SamplingSettings = GREEDY,
     positions: str = "all",
+    max_batch_tokens: int = 16384,
 ) -> list[list[int]]:
     """The same rows through fast_decode.fast_generate (every row decodes exactly `new_tokens`)."""
     token_ids = prompt_token_ids(loaded, prompts)
@@ -205,7 +206,17 @@ def fast_rows(
     deltas = torch.stack([vector * s for _ in prompts for s in scales])
     keys = [prompt_key(prompts[p]) for p in rows]
     return fast_decode.fast_generate(
-        loaded, token_ids, rows, keys, {16: deltas}, positions, sampling, new_tokens, new_tokens, []
+        loaded,
+        token_ids,
+        rows,
+        keys,
+        {16: deltas},
+        positions,
+        sampling,
+        new_tokens,
+        new_tokens,
+        [],
+        max_batch_tokens=max_batch_tokens,
     )
 
 
