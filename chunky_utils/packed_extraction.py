@@ -124,9 +124,8 @@ def to_device_at_once(tensors: Sequence[torch.Tensor], device: torch.device) -> 
     finished its queue, so copying each chunk's indices when it is reached would leave the GPU idle while the
     host builds them; from pinned memory (on CUDA) the copy is queued without a wait."""
     joined = torch.cat(list(tensors))
-    if device.type == "cuda":  # pinned: the copy is queued behind the device's work instead of waiting for it
-        joined = joined.pin_memory().to(device, non_blocking=True)
-    return list(joined.to(device).split([tensor.numel() for tensor in tensors]))
+    sent = joined.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else joined.to(device)
+    return list(sent.split([tensor.numel() for tensor in tensors]))
 
 
 def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
