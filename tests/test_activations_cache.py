@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,8 +155,8 @@ def test_prompt_sets_means_extract_the_misses_in_one_call(
     calls: list[int] = []
     original = activations.extract_prompt_sets
 
-    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(len(args[2]))
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(len(args[2]))  # the prompt sets of this call
         return original(*args, **kwargs)
 
     monkeypatch.setattr(activations, "extract_prompt_sets", counted)
